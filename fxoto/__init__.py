@@ -1,0 +1,22 @@
+"""fxoto: automatic sub-network search inside any PyTorch super-network (OTOv3, on torch.fx)."""
+
+from fxoto.errors import (
+    FxotoError,
+    InvalidRemovalError,
+    KTooLargeError,
+    NoSearchSpaceError,
+    NonFiniteGradientError,
+    UntraceableModelError,
+)
+from fxoto.roles import DEFAULT_TABLE, Channel, Joint, OpRule, OpTable, Role, Zero
+from fxoto.search import Search, build_space, search
+from fxoto.space import GeZIG, Member, SearchSpace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TABLE", "Channel", "FxotoError", "GeZIG", "InvalidRemovalError", "Joint",
+    "KTooLargeError", "Member", "NoSearchSpaceError", "NonFiniteGradientError", "OpRule",
+    "OpTable", "Role", "Search", "SearchSpace", "UntraceableModelError", "Zero",
+    "build_space", "search",
+]

@@ -1,0 +1,29 @@
+"""Every failure fxoto reports on purpose is an ``FxotoError``.
+
+Each message says what was found, where (module path and fx node), and what to
+do next.
+"""
+
+
+class FxotoError(Exception):
+    """Base class of the errors fxoto raises on purpose."""
+
+
+class UntraceableModelError(FxotoError):
+    """torch.fx could not trace the model (data-dependent control flow, ...)."""
+
+
+class NoSearchSpaceError(FxotoError):
+    """The model has no generalized zero-invariant group (nothing removable)."""
+
+
+class KTooLargeError(FxotoError):
+    """The requested group sparsity K exceeds what a valid removal allows."""
+
+
+class InvalidRemovalError(FxotoError):
+    """A set of zero groups whose erasure would leave the graph invalid."""
+
+
+class NonFiniteGradientError(FxotoError):
+    """A gradient held inf or NaN during an H2SPG step."""

@@ -1,0 +1,91 @@
+"""``fxoto.search``: the one call from a super-network to its search space."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from fxoto.errors import KTooLargeError, NoSearchSpaceError
+from fxoto.roles import DEFAULT_TABLE, OpTable
+from fxoto.segments import annotate_rules, cut_segments
+from fxoto.space import SearchSpace, find_gezigs
+from fxoto.trace import trace
+
+
+def build_space(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    op_table: OpTable = DEFAULT_TABLE,
+) -> SearchSpace:
+    """Trace, annotate, cut segments and form GeZIGs (Algorithm 2)."""
+    gm = trace(model, example_inputs, leaf_modules, concrete_args)
+    annotate_rules(gm, op_table)
+    segments = cut_segments(gm)
+    groups, excluded = find_gezigs(gm, segments)
+    return SearchSpace(model, gm, segments, groups, excluded)
+
+
+def resolve_k(K: int | float, space: SearchSpace) -> int:
+    """K as a count: an int, or a float in (0, 1) as a fraction of the GeZIGs."""
+    n = len(space.groups)
+    if isinstance(K, bool) or not isinstance(K, (int, float)):
+        raise TypeError(f"K must be an int count or a float fraction in (0, 1), not {K!r}")
+    if isinstance(K, float):
+        if not 0.0 < K < 1.0:
+            raise ValueError(f"a fractional K must lie in (0, 1); got {K}")
+        return max(1, round(K * n))
+    if K < 0:
+        raise ValueError(f"K must be >= 0; got {K}")
+    return K
+
+
+class Search:
+    """A super-network with its search space and target group sparsity K."""
+
+    def __init__(self, model: nn.Module, K: int | float, space: SearchSpace):
+        self.model = model
+        self.space = space
+        self.K = resolve_k(K, space)
+        n = len(space.groups)
+        if self.K > n:
+            raise KTooLargeError(f"K={K} asks for {self.K} zero groups but {type(model).__name__} has only {n} GeZIGs")
+        largest = space.greedy_max_removal()
+        if self.K > len(largest):
+            raise KTooLargeError(
+                f"K={self.K} is larger than any valid removal fxoto found: at most {len(largest)} of the "
+                f"{n} GeZIGs can be erased together while the output stays fed from the input "
+                f"(erasing more would leave a joint with no input). Choose K <= {len(largest)}."
+            )
+
+    def __repr__(self) -> str:
+        return f"Search(K={self.K}, {self.space!r})"
+
+
+def search(
+    model: nn.Module,
+    K: int | float,
+    example_inputs: Sequence[Any],
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    op_table: OpTable = DEFAULT_TABLE,
+) -> Search:
+    """Build the search space of ``model`` and prepare to remove ``K`` GeZIGs.
+
+    ``K`` is a count (int) or a fraction of the GeZIGs (float in (0, 1)).
+    ``example_inputs`` is a tensor or a tuple of the forward's arguments.
+    """
+    space = build_space(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, op_table=op_table)
+    if not space.groups:
+        why = "".join(f"\n  - {' -> '.join(e.nodes)}: {e.reason}" for e in space.excluded)
+        raise NoSearchSpaceError(
+            f"{type(model).__name__} has no removable structure: no segment with trainable variables "
+            f"ends only at joints (add / channel cat). A plain chain such as VGG or AlexNet has nothing "
+            f"to search; add residual or multi-branch blocks." + (f"\nSegments set aside:{why}" if why else "")
+        )
+    return Search(model, K, space)

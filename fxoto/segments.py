@@ -1,0 +1,272 @@
+"""Step 2 of the pipeline: annotate nodes, follow channels after ``cat``, cut segments.
+
+Three passes, each writing one ``node.meta`` key:
+
+* ``annotate_rules`` (``"fxoto.rule"``): the ``OpRule`` from the op table,
+  with joints checked (two or more distinct tensor inputs; for ``cat``, a
+  channel region that can be sliced exactly, see ``channel_region``);
+* ``channel_region`` (``"fxoto.region"`` on each ``cat`` joint): where the
+  concatenated channels go until the stems that read them;
+* ``cut_segments`` (``"fxoto.segment"``): the paper's Algorithm 2, lines 3-10.
+
+A *data node* produces a tensor (or a tuple of tensors) and is not a
+``get_attr``: parameters fetched with ``get_attr`` belong to the node that uses
+them (``F.conv2d(x, self.weight)`` is one stem), buffers are constants.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxoto.roles import UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
+from fxoto.trace import SHAPE
+
+RULE = "fxoto.rule"
+REGION = "fxoto.region"
+SEGMENT = "fxoto.segment"
+
+
+def is_data(node: fx.Node) -> bool:
+    return node.op != "get_attr" and node.op != "output" and node.meta.get(SHAPE) is not None
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """Distinct data nodes among the node's inputs, in argument order."""
+    return [n for n in node.all_input_nodes if is_data(n)]
+
+
+def own_parameters(node: fx.Node, gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
+    """The trainable variables a node uses: its module's, or its ``get_attr`` arguments."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        prefix = f"{node.target}." if node.target else ""
+        return [(prefix + name, p) for name, p in module.named_parameters()]
+    found = []
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            value = _fetch(gm, arg.target)
+            if isinstance(value, nn.Parameter):
+                found.append((arg.target, value))
+    return found
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+@dataclass(frozen=True)
+class ChannelRegion:
+    """Where the channels of one ``cat`` joint go, up to the stems that read them.
+
+    ``offsets[i]`` is the first channel of input ``i``.  ``per_channel`` lists
+    the nodes with per-channel variables (batch norm) on the way, with the
+    shift of this cat's channel 0 in their input (non-zero when the channels
+    pass through an enclosing ``cat``); their slices join the input's group.
+    ``consumers`` lists each stem reading the channels with the width of one
+    channel's block of its input features (``H*W`` after a flatten, else 1)
+    and the shift.  ``cats`` are enclosing cats the channels pass through.
+    """
+
+    dim: int
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    per_channel: tuple[tuple[str, int], ...]
+    consumers: tuple[tuple[str, int, int], ...]
+    cats: tuple[str, ...]
+
+
+def _cat_dim(node: fx.Node) -> int:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim % len(node.meta[SHAPE])
+
+
+def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
+    inputs = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(inputs, (list, tuple)) or not all(isinstance(n, fx.Node) and is_data(n) for n in inputs):
+        return None
+    return list(inputs)
+
+
+def _flatten_block(before: torch.Size, after: torch.Size, dim: int) -> int | None:
+    """Block width per channel if ``after`` merges dims ``dim..e`` of ``before``, else None."""
+    if tuple(after[:dim]) != tuple(before[:dim]) or len(after) <= dim:
+        return None
+    for end in range(dim, len(before)):
+        merged = math.prod(before[dim : end + 1])
+        if merged == after[dim] and tuple(before[end + 1 :]) == tuple(after[dim + 1 :]):
+            return math.prod(before[dim + 1 : end + 1])
+    return None
+
+
+def _reduce_dims(node: fx.Node, ndim: int) -> tuple[tuple[int, ...], bool] | None:
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if dims is None:
+        return None
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return tuple(d % ndim for d in dims), bool(keepdim)
+
+
+def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion | None:
+    """Follow the concatenated dim to the stems reading it; None when that is not exact.
+
+    Every path from the ``cat`` must reach a stem that reads the tracked dim,
+    through nodes that keep a zero channel zero (DESIGN section 3): elementwise
+    ops that preserve zero, pooling, flatten, enclosing cats along the same dim,
+    per-channel batch norm (whose slices then belong to the erased input's
+    group).  Anything else (an add, a sigmoid, a layer norm, the graph output,
+    a grouped convolution) refuses.
+    """
+    inputs = _cat_inputs(cat)
+    if inputs is None or len(inputs) < 2 or len(set(inputs)) != len(inputs):
+        return None
+    dim = _cat_dim(cat)
+    sizes = tuple(n.meta[SHAPE][dim] for n in inputs)
+    offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+    per_channel, consumers, cats = [], [], []
+    stack: list[tuple[fx.Node, int, int, int]] = [(cat, dim, 1, 0)]
+    seen = set()
+    while stack:
+        node, tdim, block, shift = stack.pop()
+        for user in node.users:
+            if (user, tdim, block, shift) in seen:
+                continue
+            seen.add((user, tdim, block, shift))
+            if user.op == "output" or not is_data(user):
+                return None
+            rule = rules[user]
+            in_shape, out_shape = node.meta[SHAPE], user.meta[SHAPE]
+            if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
+                return None
+            if rule.joint is Joint.CAT:
+                outer = _cat_inputs(user)
+                if outer is None or outer.count(node) != 1 or _cat_dim(user) != tdim or block != 1:
+                    return None
+                position = outer.index(node)
+                cats.append(user.name)
+                stack.append((user, tdim, block, shift + sum(n.meta[SHAPE][tdim] for n in outer[:position])))
+                continue
+            if data_inputs(user) != [node]:
+                return None
+            kind = rule.channel
+            if kind is Channel.CONSUME:
+                if rule.reads is None or tdim != rule.reads % len(in_shape):
+                    return None
+                consumers.append((user.name, block, shift))
+            elif kind is Channel.PER_CHANNEL and tdim == 1 and block == 1:
+                per_channel.append((user.name, shift))
+                stack.append((user, tdim, block, shift))
+            elif rule.zero is not Zero.PRESERVES:
+                return None
+            elif kind is Channel.ELEMENTWISE and in_shape == out_shape:
+                stack.append((user, tdim, block, shift))
+            elif kind is Channel.SPATIAL and tdim == 1 and block == 1 and len(in_shape) == len(out_shape) and in_shape[1] == out_shape[1]:
+                stack.append((user, tdim, block, shift))
+            elif kind is Channel.FLATTEN and (inner := _flatten_block(in_shape, out_shape, tdim)) is not None:
+                stack.append((user, tdim, block * inner, shift))
+            elif kind is Channel.REDUCE and (reduced := _reduce_dims(user, len(in_shape))) is not None and tdim not in reduced[0]:
+                dims, keepdim = reduced
+                stack.append((user, tdim if keepdim else tdim - sum(d < tdim for d in dims), block, shift))
+            else:
+                return None
+    if not consumers:
+        return None
+    unique = lambda items: tuple(dict.fromkeys(items))  # noqa: E731
+    return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats))
+
+
+def annotate_rules(gm: fx.GraphModule, table: OpTable) -> None:
+    """Write each data node's rule, demoting joints that cannot be removed from."""
+    rules: dict[fx.Node, OpRule] = {}
+    for node in gm.graph.nodes:
+        if is_data(node):
+            rules[node] = table.rule(node, gm)
+    for node, rule in rules.items():
+        if rule.role is not Role.JOINT:
+            continue
+        if rule.joint is Joint.ADD:
+            ins = data_inputs(node)
+            carriers = [n for n in ins if n.meta[SHAPE] == node.meta[SHAPE]]
+            if len(ins) < 2 or not carriers:
+                rules[node] = UNKNOWN
+        elif rule.joint is Joint.CAT:
+            region = channel_region(node, rules)
+            if region is None:
+                rules[node] = UNKNOWN
+            else:
+                node.meta[REGION] = region
+    for node, rule in rules.items():
+        node.meta[RULE] = rule
+
+
+def is_joint(node: fx.Node) -> bool:
+    rule = node.meta.get(RULE)
+    return rule is not None and rule.role is Role.JOINT
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A chain of nodes grown depth-first (Algorithm 2, line 8).
+
+    Only the head may have several inputs; the chain ends at a node with several
+    users or whose user is a joint or has several inputs.
+    """
+
+    id: int
+    nodes: tuple[str, ...]
+    inputs: tuple[int, ...]  # segments feeding the head, one entry per data input
+    kind: str  # "source", "joint", "plain" or "output"
+
+
+def cut_segments(gm: fx.GraphModule) -> list[Segment]:
+    """Partition the data nodes into segments; write ``node.meta["fxoto.segment"]``."""
+    chains: list[list[fx.Node]] = []
+    heads: list[fx.Node] = []
+    seg_of: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if not (is_data(node) or node.op == "output"):
+            continue
+        ins = data_inputs(node)
+        if node.op == "output":
+            ins = [n for n in node.all_input_nodes if is_data(n)]
+        prev = ins[0] if len(ins) == 1 else None
+        grows = (
+            prev is not None
+            and node.op != "output"
+            and prev.op != "placeholder"
+            and not is_joint(node)
+            and len(prev.users) == 1
+        )
+        if grows:
+            seg_of[node] = seg_of[prev]
+            chains[seg_of[node]].append(node)
+        else:
+            seg_of[node] = len(chains)
+            chains.append([node])
+            heads.append(node)
+    segments = []
+    for i, (chain, head) in enumerate(zip(chains, heads)):
+        ins = [n for n in head.all_input_nodes if is_data(n)]
+        if head.op == "output":
+            kind = "output"
+        elif not ins:
+            kind = "source"
+        elif is_joint(head):
+            kind = "joint"
+        else:
+            kind = "plain"
+        segments.append(Segment(i, tuple(n.name for n in chain), tuple(seg_of[n] for n in ins), kind))
+        for n in chain:
+            n.meta[SEGMENT] = i
+    return segments
+
+
+def iter_data_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    return (n for n in gm.graph.nodes if is_data(n))

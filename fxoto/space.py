@@ -1,0 +1,279 @@
+"""Step 3 of the pipeline: GeZIGs and the search space (paper, section 3.1; DESIGN 3-4).
+
+``find_gezigs`` turns segments into generalized zero-invariant groups: a
+segment qualifies when it holds trainable variables, every user of its end is
+a joint, and the zero-invariance walk succeeds.  ``SearchSpace`` holds the
+groups and the one validity check (``is_valid_removal``) that H2SPG's selection
+and the sub-network rewrite both call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxoto.errors import InvalidRemovalError
+from fxoto.roles import Joint, Role, Zero
+from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters
+from fxoto.trace import SHAPE
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor of a group: a whole parameter, or the range ``start:stop`` along ``dim``."""
+
+    param: str
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    def __str__(self) -> str:
+        if self.dim is None:
+            return self.param
+        return f"{self.param}[{'' if self.dim == 0 else ':, ' * self.dim}{self.start}:{self.stop}]"
+
+
+@dataclass(frozen=True)
+class GeZIG:
+    """A generalized zero-invariant group: the variables of one removable segment.
+
+    ``members`` are zero together; then the segment's output is exactly zero
+    for every input and ``nodes`` (the whole segment) can be erased.
+    """
+
+    id: int
+    segment: int
+    nodes: tuple[str, ...]
+    members: tuple[Member, ...]
+    numel: int
+
+    def __str__(self) -> str:
+        return f"g{self.id}: " + " -> ".join(self.nodes)
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A segment that looked removable but is kept whole, and why."""
+
+    nodes: tuple[str, ...]
+    reason: str
+
+
+def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[str]) -> int | None:
+    """Index of the first node from which zeroing the variables zeroes the output.
+
+    DESIGN section 3: from that node on, every node maps zero to zero by itself
+    or through its own variables (which then join the group).  The start is a
+    node whose own zero variables make its output zero (a stem, an affine
+    norm, a parameter table), not a per-channel node right after a ``cat``
+    (those variables are sliced into the concatenated inputs' groups).
+    """
+    last_break = -1
+    for i, node in enumerate(nodes):
+        rule = node.meta[RULE]
+        if rule.zero is Zero.BREAKS or rule.role is Role.UNKNOWN:
+            last_break = i
+    for i in range(last_break + 1, len(nodes)):
+        node = nodes[i]
+        if node.meta[RULE].zero is Zero.OWN_VARIABLES and own_parameters(node, gm) and node.name not in region_nodes:
+            return i
+    return None
+
+
+def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG], list[Exclusion]]:
+    """Algorithm 2, lines 11-15, with zero-invariance checked and shared variables kept whole."""
+    nodes_by_name = {n.name: n for n in gm.graph.nodes}
+    cats = [n for n in gm.graph.nodes if REGION in n.meta and is_joint(n)]
+    region_nodes = {name for c in cats for name, _ in c.meta[REGION].per_channel}
+
+    # Which nodes use each parameter (by identity: tied weights share one tensor).
+    users_of_param: dict[int, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            for _, p in own_parameters(node, gm):
+                users_of_param.setdefault(id(p), set()).add(node.name)
+
+    # Channel slices after each cat, by the segment that feeds the cat.
+    slices: dict[int, list[tuple[str, str, int, int]]] = {}
+    for cat in cats:
+        region: ChannelRegion = cat.meta[REGION]
+        for src, off, size in zip(cat.args[0], region.offsets, region.sizes):
+            for name, shift in region.per_channel:
+                lo = shift + off
+                slices.setdefault(src.meta[SEGMENT], []).append((name, src.name, lo, lo + size))
+
+    groups: list[GeZIG] = []
+    excluded: list[Exclusion] = []
+    for seg in segments:
+        if seg.kind == "output":
+            continue
+        chain = [nodes_by_name[n] for n in seg.nodes]
+        end = chain[-1]
+        if not end.users or not all(is_joint(u) for u in end.users):
+            continue
+        if not _has_params(seg, nodes_by_name, gm):
+            continue
+        start = _zeroing_start(chain, gm, region_nodes)
+        if start is None:
+            excluded.append(Exclusion(seg.nodes, "not zero-invariant: an op after the last stem does not map zero to zero"))
+            continue
+        members: list[Member] = []
+        seen: set[int] = set()
+        shared = None
+        for node in chain[start:]:
+            for name, p in own_parameters(node, gm):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                outside = users_of_param[id(p)] - set(seg.nodes)
+                if outside:
+                    shared = f"parameter '{name}' is also used by node '{sorted(outside)[0]}'"
+                members.append(Member(name))
+        for node_name, _src, lo, hi in slices.get(seg.id, []):
+            node = nodes_by_name[node_name]
+            for name, p in own_parameters(node, gm):
+                if users_of_param[id(p)] != {node_name}:
+                    shared = f"parameter '{name}' (sliced after a cat) is used by several nodes"
+                members.append(Member(name, 0, lo, hi))
+        if shared:
+            excluded.append(Exclusion(seg.nodes, f"shared variables: {shared}"))
+            continue
+        groups.append(GeZIG(len(groups), seg.id, seg.nodes, tuple(members), _numel(members, gm)))
+    return groups, excluded
+
+
+def _has_params(seg: Segment, nodes_by_name, gm) -> bool:
+    return any(own_parameters(nodes_by_name[n], gm) for n in seg.nodes)
+
+
+def _numel(members: list[Member], gm: fx.GraphModule) -> int:
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    total = 0
+    for m in members:
+        p = params[m.param]
+        total += p.numel() if m.dim is None else p.numel() // p.shape[m.dim] * (m.stop - m.start)
+    return total
+
+
+class SearchSpace:
+    """The GeZIGs of a super-network and the hierarchy between them (DESIGN 3-4).
+
+    ``gm`` is the traced graph; it shares its parameters with ``model``, so
+    ``zero_`` and H2SPG act on the user's own tensors.
+    """
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, segments: list[Segment], groups: list[GeZIG], excluded: list[Exclusion]):
+        self.model = model
+        self.gm = gm
+        self.segments = segments
+        self.groups = groups
+        self.excluded = excluded
+        self._params = dict(gm.named_parameters(remove_duplicate=False))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        self._seg_of_group = [g.segment for g in groups]
+        # Per segment: joint kind of its head and which inputs carry the output
+        # shape (an add whose only full-shape operands are gone is not fed).
+        self._joint = []
+        self._carrier = []
+        for seg in segments:
+            head = nodes[seg.nodes[0]]
+            rule = head.meta.get(RULE)
+            joint = rule.joint if seg.kind == "joint" else None
+            self._joint.append(joint)
+            if joint is Joint.ADD:
+                shape = head.meta[SHAPE]
+                self._carrier.append(tuple(n.meta[SHAPE] == shape for n in data_inputs(head)))
+            else:
+                self._carrier.append(tuple(True for _ in seg.inputs))
+        self._users: list[list[int]] = [[] for _ in segments]
+        for seg in segments:
+            for i in seg.inputs:
+                self._users[i].append(seg.id)
+        self._output = next(s.id for s in segments if s.kind == "output")
+
+    # -- validity (DESIGN section 4) -------------------------------------------------
+    def is_valid_removal(self, ids: Iterable[int]) -> bool:
+        """True when erasing these groups leaves a graph that computes the same thing.
+
+        The output must still be fed from the inputs, and every vertex that still
+        reaches the output must itself be fed (a joint left without inputs would
+        feed ``f(0)``, a bias say, downstream).
+        """
+        return self.removal_problem(ids) is None
+
+    def removal_problem(self, ids: Iterable[int]) -> str | None:
+        """Why erasing these groups is invalid (naming a node), or None when it is valid."""
+        erased = set()
+        for i in ids:
+            if not 0 <= i < len(self.groups):
+                raise IndexError(f"no GeZIG with id {i}; ids run 0..{len(self.groups) - 1}")
+            erased.add(self._seg_of_group[i])
+        fed = [False] * len(self.segments)
+        for seg in self.segments:  # segments are in topological order
+            if seg.id in erased:
+                continue
+            if seg.kind == "source":
+                fed[seg.id] = True
+            elif self._joint[seg.id] is not None:
+                fed[seg.id] = any(fed[i] and c for i, c in zip(seg.inputs, self._carrier[seg.id]))
+            else:
+                fed[seg.id] = all(fed[i] for i in seg.inputs)
+        reach = {self._output}
+        stack = [self._output]
+        while stack:
+            s = stack.pop()
+            for i in self.segments[s].inputs:
+                if i not in erased and i not in reach:
+                    reach.add(i)
+                    stack.append(i)
+        for s in sorted(reach):
+            if not fed[s]:
+                return f"node '{self.segments[s].nodes[0]}' would lose all of its inputs but still feeds the output"
+        return None
+
+    def check_removal(self, ids: Iterable[int]) -> None:
+        problem = self.removal_problem(ids)
+        if problem is not None:
+            raise InvalidRemovalError(f"erasing groups {sorted(ids)} is not a valid removal: {problem}")
+
+    # -- variables -------------------------------------------------------------------
+    def tensors(self, group: GeZIG | int) -> list[torch.Tensor]:
+        """Views of the group's members in the live parameters."""
+        g = self.groups[group] if isinstance(group, int) else group
+        out = []
+        for m in g.members:
+            p = self._params[m.param]
+            out.append(p if m.dim is None else p.narrow(m.dim, m.start, m.stop - m.start))
+        return out
+
+    @torch.no_grad()
+    def zero_(self, ids: Iterable[int]) -> None:
+        """Set these groups exactly to zero, in place (in the user's parameters)."""
+        for i in ids:
+            for t in self.tensors(i):
+                t.zero_()
+
+    @torch.no_grad()
+    def zero_groups(self) -> list[int]:
+        """Ids of the groups whose members are all exactly zero now."""
+        return [g.id for g in self.groups if all(not t.any() for t in self.tensors(g))]
+
+    def greedy_max_removal(self) -> list[int]:
+        """A large valid removal found greedily (a lower bound on the largest one)."""
+        best: list[int] = []
+        orders = [range(len(self.groups)), reversed(range(len(self.groups)))]
+        for order in orders:
+            chosen: list[int] = []
+            for i in order:
+                if self.is_valid_removal(chosen + [i]):
+                    chosen.append(i)
+            if len(chosen) > len(best):
+                best = chosen
+        return sorted(best)
+
+    def __repr__(self) -> str:
+        return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
