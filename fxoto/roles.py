@@ -153,8 +153,18 @@ def _view(node: fx.Node, m: None) -> OpRule:
     return FLATTEN if len(sizes) == 2 and sizes[-1] == -1 else RESHAPE
 
 
-def _interpolate(node: fx.Node, m: None) -> OpRule:
-    return SPATIAL
+def _getitem(node: fx.Node, m: None) -> OpRule:
+    # Output 0 of attention is zero when its variables are; output 1 (the
+    # attention weights) is not.
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source.meta.get("fxoto.attention") and node.args[1] != 0:
+        return OpRule(Role.ACCESSORY, Zero.BREAKS)
+    return RESHAPE
+
+
+def _attention(node: fx.Node, m: nn.Module) -> OpRule:
+    node.meta["fxoto.attention"] = True
+    return OpRule(Role.STEM, Zero.OWN_VARIABLES)
 
 
 _STEMS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -183,6 +193,8 @@ _DEFAULT_MODULES: dict[type, Rule] = {
     nn.Sigmoid: BREAKS_ELEMENTWISE,
     nn.Hardsigmoid: BREAKS_ELEMENTWISE,
     nn.Softmax: UNKNOWN,
+    # out_proj(attention): zero when all its variables are.
+    nn.MultiheadAttention: _attention,
 }
 
 _ELEMENTWISE_FUNCTIONS = (
@@ -215,7 +227,7 @@ _DEFAULT_FUNCTIONS: dict[Callable, Rule] = {
     torch.add: _add,
     operator.mul: _scale,
     torch.mul: _scale,
-    operator.getitem: RESHAPE,
+    operator.getitem: _getitem,
     torch.permute: RESHAPE,
     torch.transpose: RESHAPE,
     torch.reshape: _view,

@@ -28,12 +28,30 @@ from fxoto.roles import UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
 from fxoto.trace import SHAPE
 
 RULE = "fxoto.rule"
+LIVE = "fxoto.live"
 REGION = "fxoto.region"
 SEGMENT = "fxoto.segment"
 
 
 def is_data(node: fx.Node) -> bool:
     return node.op != "get_attr" and node.op != "output" and node.meta.get(SHAPE) is not None
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """Users whose value can reach the output (an unused ``getitem`` does not count)."""
+    return [u for u in node.users if u.meta.get(LIVE)]
+
+
+def mark_live(gm: fx.GraphModule) -> None:
+    """``node.meta["fxoto.live"]``: the node's value can reach the graph output."""
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    for n in stack:
+        n.meta[LIVE] = True
+    while stack:
+        for n in stack.pop().all_input_nodes:
+            if not n.meta.get(LIVE):
+                n.meta[LIVE] = True
+                stack.append(n)
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:
@@ -135,7 +153,7 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion 
     seen = set()
     while stack:
         node, tdim, block, shift = stack.pop()
-        for user in node.users:
+        for user in users(node):
             if (user, tdim, block, shift) in seen:
                 continue
             seen.add((user, tdim, block, shift))
@@ -184,6 +202,7 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion 
 
 def annotate_rules(gm: fx.GraphModule, table: OpTable) -> None:
     """Write each data node's rule, demoting joints that cannot be removed from."""
+    mark_live(gm)
     rules: dict[fx.Node, OpRule] = {}
     for node in gm.graph.nodes:
         if is_data(node):
@@ -242,7 +261,7 @@ def cut_segments(gm: fx.GraphModule) -> list[Segment]:
             and node.op != "output"
             and prev.op != "placeholder"
             and not is_joint(node)
-            and len(prev.users) == 1
+            and len(users(prev)) == 1
         )
         if grows:
             seg_of[node] = seg_of[prev]

@@ -18,7 +18,7 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters
+from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
 from fxoto.trace import SHAPE
 
 
@@ -63,7 +63,7 @@ class Exclusion:
     reason: str
 
 
-def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[str]) -> int | None:
+def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[str]) -> tuple[int | None, str]:
     """Index of the first node from which zeroing the variables zeroes the output.
 
     DESIGN section 3: from that node on, every node maps zero to zero by itself
@@ -79,9 +79,20 @@ def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[s
             last_break = i
     for i in range(last_break + 1, len(nodes)):
         node = nodes[i]
-        if node.meta[RULE].zero is Zero.OWN_VARIABLES and own_parameters(node, gm) and node.name not in region_nodes:
-            return i
-    return None
+        zero = node.meta[RULE].zero
+        # A node with no data input reads only its variables (a bias table
+        # gathered by index): zero variables, zero output, if it preserves zero.
+        from_variables = zero is Zero.OWN_VARIABLES or (zero is Zero.PRESERVES and not data_inputs(node))
+        if from_variables and own_parameters(node, gm) and node.name not in region_nodes:
+            return i, ""
+    if last_break >= 0:
+        node = nodes[last_break]
+        what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
+        return None, (
+            f"not zero-invariant: node '{node.name}' ({what}, {node.meta[RULE].role.value}) is not known to "
+            f"map zero to zero and no stem follows it; register an OpRule for it if it does"
+        )
+    return None, "not zero-invariant: no stem or affine variables whose zeroing zeroes the output"
 
 
 def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG], list[Exclusion]]:
@@ -113,13 +124,13 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
             continue
         chain = [nodes_by_name[n] for n in seg.nodes]
         end = chain[-1]
-        if not end.users or not all(is_joint(u) for u in end.users):
+        if not users(end) or not all(is_joint(u) for u in users(end)):
             continue
         if not _has_params(seg, nodes_by_name, gm):
             continue
-        start = _zeroing_start(chain, gm, region_nodes)
+        start, why = _zeroing_start(chain, gm, region_nodes)
         if start is None:
-            excluded.append(Exclusion(seg.nodes, "not zero-invariant: an op after the last stem does not map zero to zero"))
+            excluded.append(Exclusion(seg.nodes, why))
             continue
         members: list[Member] = []
         seen: set[int] = set()
@@ -130,13 +141,13 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
                     continue
                 seen.add(id(p))
                 outside = users_of_param[id(p)] - set(seg.nodes)
-                if outside:
+                if outside and shared is None:
                     shared = f"parameter '{name}' is also used by node '{sorted(outside)[0]}'"
                 members.append(Member(name))
         for node_name, _src, lo, hi in slices.get(seg.id, []):
             node = nodes_by_name[node_name]
             for name, p in own_parameters(node, gm):
-                if users_of_param[id(p)] != {node_name}:
+                if users_of_param[id(p)] != {node_name} and shared is None:
                     shared = f"parameter '{name}' (sliced after a cat) is used by several nodes"
                 members.append(Member(name, 0, lo, hi))
         if shared:
@@ -261,6 +272,16 @@ class SearchSpace:
     def zero_groups(self) -> list[int]:
         """Ids of the groups whose members are all exactly zero now."""
         return [g.id for g in self.groups if all(not t.any() for t in self.tensors(g))]
+
+    def construct_subnet(self, ids: Iterable[int] | None = None) -> fx.GraphModule:
+        """The sub-network: a new GraphModule with every exactly-zero group erased (paper 3.3).
+
+        ``ids`` overrides which groups go (they need not be zero: their
+        contribution is then dropped, so the output changes).
+        """
+        from fxoto.subnet import construct_subnet
+
+        return construct_subnet(self, ids)
 
     def greedy_max_removal(self) -> list[int]:
         """A large valid removal found greedily (a lower bound on the largest one)."""

@@ -87,7 +87,7 @@ def symbolic_trace(
         ) from exc
     name = type(model).__name__
     gm = fx.GraphModule(model, graph, class_name=name)
-    gm.eval()
+    gm.training = model.training  # its submodules are the model's own: leave their flags alone
     return gm
 
 

@@ -1,0 +1,55 @@
+"""Shared test helpers: randomised statistics and values captured as they are produced."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm random statistics and affine variables and every bias random values.
+
+    Default initialisation zeroes biases and keeps batch-norm statistics at
+    (0, 1); both would hide a segment that does not map zero to zero.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            if m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+        for name, p in m.named_parameters(recurse=False):
+            if name == "bias" or isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name == "weight" else 0.0))
+    return model
+
+
+class Capture(fx.Interpreter):
+    """Run a graph and keep a copy of chosen nodes' outputs at the moment they are produced.
+
+    Later in-place ops (ResNet's ``out += identity``, ``ReLU(inplace=True)``)
+    cannot change what was captured.
+    """
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out.detach().clone()
+        return out
+
+
+def segment_ends(space, x, ids=None) -> dict[int, torch.Tensor]:
+    """Output of each group's segment end, in eval mode, on input ``x``."""
+    ids = range(len(space.groups)) if ids is None else ids
+    ends = {space.groups[i].nodes[-1]: i for i in ids}
+    cap = Capture(space.gm, set(ends))
+    with torch.no_grad():
+        cap.run(*(x if isinstance(x, tuple) else (x,)))
+    return {ends[name]: value for name, value in cap.values.items()}
