@@ -1,0 +1,292 @@
+"""Looking at a search space: a text summary and the dependency graph of segments.
+
+* ``summary``: one row per GeZIG, totals, and the segments set aside with their reasons.
+* ``to_dot``: Graphviz DOT of the dependency graph of segments (paper, Figure 1b), with the
+  GeZIGs filled in distinct colours; groups in ``erased`` are drawn dashed and grey, as the
+  paper draws the removed vertices (Figure 3).
+* ``render``: the DOT file and, by Graphviz's ``dot`` when installed, an SVG; without Graphviz
+  a PNG drawn by matplotlib (when importable) in a layered layout.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tabulate import tabulate
+
+from fxoto.space import SearchSpace
+
+__all__ = ["render", "summary", "to_dot"]
+
+_GOLDEN = 0.618033988749895
+_GREY_FILL = "#eeeeee"
+_GREY_LINE = "#999999"
+
+
+def _abbreviate(nodes: Sequence[str], limit: int = 4) -> list[str]:
+    """The node names to show: all of them when few, else the first two, '...' and the last."""
+    if len(nodes) <= limit:
+        return list(nodes)
+    return [nodes[0], nodes[1], f"... ({len(nodes) - 3} more)", nodes[-1]]
+
+
+def _shorten(name: str, width: int = 32) -> str:
+    """A long name cut in the middle (torchvision's are like 'features_denseblock4_denselayer16_conv2')."""
+    if len(name) <= width:
+        return name
+    half = (width - 3) // 2
+    return f"{name[:half]}...{name[-(width - 3 - half):]}"
+
+
+def _colour(i: int) -> str:
+    """The fill of GeZIG ``i``: hues a golden angle apart, so neighbours never look alike."""
+    r, g, b = colorsys.hsv_to_rgb((i * _GOLDEN) % 1.0, 0.40, 0.97)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+
+def summary(space: SearchSpace) -> str:
+    """A table of the GeZIGs (id, nodes, members, parameters), totals and the exclusions."""
+    rows = [
+        [f"g{g.id}", g.segment, " -> ".join(_abbreviate([_shorten(n, 40) for n in g.nodes])), len(g.members), g.numel]
+        for g in space.groups
+    ]
+    table = tabulate(rows, headers=["GeZIG", "segment", "nodes", "members", "params"], intfmt=",")
+    in_groups = sum(g.numel for g in space.groups)
+    total = sum(p.numel() for p in space.model.parameters())
+    share = f" ({100 * in_groups / total:.1f} %)" if total else ""
+    lines = [
+        table,
+        "",
+        f"{len(space.groups)} GeZIG{'' if len(space.groups) == 1 else 's'} over {len(space.segments)} segments; "
+        f"{in_groups:,} of {total:,} parameters{share} lie in GeZIGs",
+    ]
+    if space.excluded:
+        n = len(space.excluded)
+        lines.append(f"{n} segment{'s' if n > 1 else ''} set aside:")
+        for e in space.excluded:
+            lines.append(f"  - {' -> '.join(_abbreviate(e.nodes))}: {e.reason}")
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    """A DOT double-quoted string; ``\\n`` between lines is DOT's own line break."""
+    lines = str(text).split("\n")
+    return '"' + r"\n".join(line.replace("\\", "\\\\").replace('"', '\\"') for line in lines) + '"'
+
+
+def _attrs(**attrs: str) -> str:
+    return "[" + ", ".join(f"{k}={_quote(v)}" for k, v in attrs.items()) + "]"
+
+
+def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
+    """The dependency graph of segments in Graphviz DOT (paper, Figure 1b; Figure 3 with ``erased``).
+
+    One vertex per segment, named ``s<id>``: GeZIGs filled (a colour each) and labelled
+    ``g<id>``, joint segments as hexagons, the source and output as ellipses, other segments
+    as boxes. Edges follow ``Segment.inputs``. Segments of the groups in ``erased``, and the
+    segments that would then no longer reach the output, are dashed and grey.
+    """
+    erased = sorted(set(erased))
+    problem = space.removal_problem(erased) if erased else None  # also checks the ids
+    group_of = {g.segment: g for g in space.groups}
+    gone = {space.groups[i].segment for i in erased}
+    dead = _unreached(space, gone) if gone else set()
+
+    lines = [
+        "digraph fxoto {",
+        "  rankdir=TB;",
+        '  graph [fontname="Helvetica", fontsize=10];',
+        '  node [fontname="Helvetica", fontsize=10, shape=box];',
+        '  edge [color="#555555", arrowsize=0.7];',
+    ]
+    if erased:
+        caption = "erased: " + " ".join(f"g{i}" for i in erased)
+        caption += f"\n(not a valid removal: {problem})" if problem else ""
+        lines.append(f'  labelloc=b; label={_quote(caption)};')
+    for seg in space.segments:
+        label = [_shorten(n) for n in _abbreviate(seg.nodes)]
+        attrs: dict[str, str] = {}
+        if seg.kind in ("source", "output"):
+            attrs["shape"] = "ellipse"
+        elif seg.kind == "joint":
+            attrs["shape"] = "hexagon"
+        else:
+            attrs["shape"] = "box"
+        style = []
+        group = group_of.get(seg.id)
+        if group is not None:
+            label.insert(0, f"g{group.id}")
+            style.append("filled")
+            attrs["fillcolor"] = _colour(group.id)
+        if seg.id in gone or seg.id in dead:
+            style = ["dashed", "filled"]
+            attrs.update(fillcolor=_GREY_FILL, color=_GREY_LINE, fontcolor=_GREY_LINE)
+        if style:
+            attrs["style"] = ",".join(style)
+        lines.append(f"  s{seg.id} {_attrs(label=chr(10).join(label), **attrs)};")
+    for seg in space.segments:
+        for i in seg.inputs:
+            faded = {seg.id, i} & (gone | dead)
+            style = " " + _attrs(style="dashed", color=_GREY_LINE) if faded else ""
+            lines.append(f"  s{i} -> s{seg.id}{style};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _unreached(space: SearchSpace, gone: set[int]) -> set[int]:
+    """Segments that no longer reach the output once ``gone`` are erased (they die with them)."""
+    output = next(s.id for s in space.segments if s.kind == "output")
+    reach, stack = {output}, [output]
+    while stack:
+        for i in space.segments[stack.pop()].inputs:
+            if i not in gone and i not in reach:
+                reach.add(i)
+                stack.append(i)
+    return {s.id for s in space.segments} - reach - gone
+
+
+def render(dot: str, path: str | Path) -> Path:
+    """Write ``dot`` to ``<path>.dot`` and draw it; return the picture, or the .dot without one.
+
+    With Graphviz's ``dot`` on the PATH the picture is ``<path>.svg``; otherwise, when
+    matplotlib is importable, ``<path>.png`` in a layered layout (vertices by longest-path
+    depth). The fallback reads the DOT that ``to_dot`` writes, not DOT in general. A suffix
+    ``.dot``, ``.gv``, ``.svg`` or ``.png`` on ``path`` is replaced.
+    """
+    path = Path(path)
+    if path.suffix in (".dot", ".gv", ".svg", ".png"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dot_file = path.with_name(path.name + ".dot")
+    dot_file.write_text(dot, encoding="utf-8")
+
+    graphviz = shutil.which("dot")
+    if graphviz is not None:
+        svg = path.with_name(path.name + ".svg")
+        done = subprocess.run([graphviz, "-Tsvg", str(dot_file), "-o", str(svg)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"Graphviz could not draw {dot_file}: {done.stderr.strip()}")
+        return svg
+    try:
+        import matplotlib
+    except ImportError:
+        return dot_file
+    png = path.with_name(path.name + ".png")
+    _draw_png(_parse_dot(dot), png, matplotlib)
+    return png
+
+
+# -- the matplotlib fallback -------------------------------------------------------------
+
+_NODE = re.compile(r"^\s*(\w+)\s*\[(.*)\];\s*$")
+_EDGE = re.compile(r"^\s*(\w+)\s*->\s*(\w+)\s*(?:\[(.*)\])?;\s*$")
+_ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^,\s\]]+)')
+_GRAPH_LABEL = re.compile(r'^\s*labelloc=\w+;\s*label=("(?:[^"\\]|\\.)*");\s*$')
+
+
+def _unquote(value: str) -> str:
+    if not value.startswith('"'):
+        return value
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value[1:-1])
+
+
+def _parse_attrs(text: str | None) -> dict[str, str]:
+    return {k: _unquote(v) for k, v in _ATTR.findall(text or "")}
+
+
+def _parse_dot(dot: str) -> tuple[dict[str, dict[str, str]], list[tuple[str, str, dict[str, str]]], str]:
+    """Vertices, edges and the graph label of a DOT text in ``to_dot``'s form (a statement a line)."""
+    nodes: dict[str, dict[str, str]] = {}
+    edges: list[tuple[str, str, dict[str, str]]] = []
+    caption = ""
+    for line in dot.splitlines():
+        if m := _EDGE.match(line):
+            edges.append((m.group(1), m.group(2), _parse_attrs(m.group(3))))
+        elif m := _GRAPH_LABEL.match(line):
+            caption = _unquote(m.group(1))
+        elif (m := _NODE.match(line)) and m.group(1) not in ("node", "edge", "graph"):
+            nodes[m.group(1)] = _parse_attrs(m.group(2))
+    for a, b, _ in edges:
+        nodes.setdefault(a, {})
+        nodes.setdefault(b, {})
+    return nodes, edges, caption
+
+
+def _layers(nodes: Iterable[str], edges: list[tuple[str, str, dict]]) -> list[list[str]]:
+    """Vertices by longest-path depth from the sources, each layer ordered by its parents' places."""
+    parents: dict[str, list[str]] = {n: [] for n in nodes}
+    children: dict[str, list[str]] = {n: [] for n in nodes}
+    for a, b, _ in edges:
+        parents[b].append(a)
+        children[a].append(b)
+    # Kahn's order; a cycle (not produced by to_dot) falls back to the listed order.
+    indegree = {n: len(p) for n, p in parents.items()}
+    order = [n for n, d in indegree.items() if d == 0]
+    for n in order:
+        for c in children[n]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                order.append(c)
+    order += [n for n in parents if n not in set(order)]
+    depth: dict[str, int] = {}
+    for n in order:
+        depth[n] = max((depth.get(p, 0) + 1 for p in parents[n]), default=0)
+    layers: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for n in order:
+        layers[depth[n]].append(n)
+    place: dict[str, float] = {}
+    for layer in layers:
+        layer.sort(key=lambda n: sum(place[p] for p in parents[n] if p in place) / max(len(parents[n]), 1))
+        for i, n in enumerate(layer):
+            place[n] = i - (len(layer) - 1) / 2
+    return layers
+
+
+def _draw_png(parsed, png: Path, matplotlib) -> None:
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch
+
+    nodes, edges, caption = parsed
+    layers = _layers(nodes, edges)
+    width = max((len(layer) for layer in layers), default=1)
+    size = (max(4.0, 2.4 * width), max(3.0, 1.1 * len(layers) + 0.6))
+    dpi = min(100, int(60000 / max(size)))  # keep within the Agg backend's pixel limit
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    ax.set_xlim(-width / 2, width / 2)
+    ax.set_ylim(-len(layers) + 0.5, 0.5)
+    ax.axis("off")
+    boxstyle = {"box": "square,pad=0.4", "ellipse": "round,pad=0.5", "hexagon": "round4,pad=0.4"}
+    texts = {}
+    for depth, layer in enumerate(layers):
+        for i, name in enumerate(layer):
+            attrs = nodes[name]
+            dashed = "dashed" in attrs.get("style", "")
+            filled = "filled" in attrs.get("style", "")
+            texts[name] = ax.text(
+                i - (len(layer) - 1) / 2, -depth, attrs.get("label", name),
+                ha="center", va="center", fontsize=8, zorder=3, color=attrs.get("fontcolor", "black"),
+                bbox={
+                    "boxstyle": boxstyle.get(attrs.get("shape", "box"), "square,pad=0.4"),
+                    "facecolor": attrs.get("fillcolor", "white") if filled else "white",
+                    "edgecolor": attrs.get("color", "black"),
+                    "linestyle": "--" if dashed else "-",
+                },
+            )
+    if caption:
+        ax.set_title(caption, fontsize=9)
+    fig.canvas.draw()  # places the label boxes, which the arrows are clipped to
+    for a, b, attrs in edges:
+        ax.add_patch(FancyArrowPatch(
+            texts[a].get_position(), texts[b].get_position(),
+            patchA=texts[a].get_bbox_patch(), patchB=texts[b].get_bbox_patch(),
+            arrowstyle="-|>", mutation_scale=10, zorder=4,
+            color=attrs.get("color", "#555555"), linestyle="--" if attrs.get("style") == "dashed" else "-",
+        ))
+    fig.savefig(png, dpi=dpi)
+    plt.close(fig)
