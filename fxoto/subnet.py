@@ -104,15 +104,17 @@ def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> Non
 def _rewire_joint(graph: fx.Graph, node: fx.Node, erased: set[str]) -> None:
     """Drop erased operands of a joint; a joint left with one input becomes that input."""
     rule = node.meta[RULE]
+    inputs = node.args[0] if rule.joint is Joint.CAT else data_inputs(node)
+    kept = [n for n in inputs if n.name not in erased]
+    if not kept:
+        return  # every input erased: validity guarantees nothing live reads it; DCE drops it
     if rule.joint is Joint.CAT:
-        kept = [n for n in node.args[0] if n.name not in erased]
         if len(kept) == 1:
             node.replace_all_uses_with(kept[0])
         else:
             node.args = (kept,) + tuple(node.args[1:])
             node.kwargs = {k: v for k, v in node.kwargs.items() if k != "tensors"}
         return
-    kept = [n for n in data_inputs(node) if n.name not in erased]
     if len(kept) == 1:
         node.replace_all_uses_with(kept[0])
         return

@@ -1,0 +1,208 @@
+"""Hypothesis strategies: random super-networks, and random valid removals in them.
+
+A super-network is drawn as a small program (``NetSpec``): a list of steps,
+each reading earlier values.  ``RandomSupNet`` runs that program; torch.fx
+traces its loops away, so fxoto sees an ordinary DAG with:
+
+* conv blocks (conv, optional batch norm, optional activation), optionally
+  pre-activated (batch norm, ReLU, conv: the DenseNet ``cat -> BN -> ReLU -> conv`` chain);
+* ``add`` joints of 2 to 4 branches, with or without an identity operand;
+* ``cat`` joints of 2 to 4 branches, optionally followed by batch norm and ReLU;
+* pooling and upsampling steps, values with several consumers, nested and
+  residual branches, and steps whose value nobody reads;
+* a head: global pool or flatten (channel blocks of H*W columns), then linear.
+
+Shrinking goes towards fewer, narrower steps, so a failure reads as a small net.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class Branch:
+    source: int  # index of the value it reads
+    out: int  # output channels
+    kernel: int
+    norm: bool
+    act: str
+    pre_act: bool  # BN -> ReLU -> conv, reading the source's channels
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "block", "add", "cat", "pool", "up"
+    branches: tuple[Branch, ...] = ()
+    identity: int | None = None  # for "add": an earlier value added as is
+    source: int = 0  # for "pool" / "up"
+    post_norm: bool = False  # for "cat": BN + ReLU after the concat
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    in_channels: int
+    size: int
+    steps: tuple[Step, ...]
+    head_flatten: bool
+    classes: int
+
+    def channels(self) -> list[int]:
+        ch = [self.in_channels]
+        for step in self.steps:
+            if step.kind in ("pool", "up"):
+                ch.append(ch[step.source])
+            elif step.kind == "cat":
+                ch.append(sum(b.out for b in step.branches))
+            else:
+                ch.append(step.branches[0].out)
+        return ch
+
+    def sizes(self) -> list[int]:
+        sz = [self.size]
+        for step in self.steps:
+            if step.kind == "up":
+                sz.append(sz[step.source] * 2)
+            elif step.kind == "pool":
+                sz.append(sz[step.source])
+            elif step.kind == "add" and step.identity is not None:
+                sz.append(sz[step.identity])
+            else:
+                sz.append(sz[step.branches[0].source])
+        return sz
+
+
+def _branch_module(b: Branch, in_ch: int, out_size: int, in_size: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    if b.pre_act:
+        layers += [nn.BatchNorm2d(in_ch), nn.ReLU()]
+    if out_size != in_size:  # resample to the step's spatial size first
+        layers.append(nn.Upsample(size=out_size) if out_size > in_size else nn.AdaptiveAvgPool2d(out_size))
+    layers.append(nn.Conv2d(in_ch, b.out, b.kernel, padding=b.kernel // 2))
+    if b.norm:
+        layers.append(nn.BatchNorm2d(b.out))
+    layers.append(ACTIVATIONS[b.act]())
+    return nn.Sequential(*layers)
+
+
+class RandomSupNet(nn.Module):
+    """Runs a ``NetSpec``; every branch is a plain ``nn.Sequential``."""
+
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.spec = spec
+        ch, sz = spec.channels(), spec.sizes()
+        self.branches = nn.ModuleList()
+        self.post = nn.ModuleList()
+        for i, step in enumerate(spec.steps):
+            out_size = sz[i + 1]
+            self.branches.append(nn.ModuleList(_branch_module(b, ch[b.source], out_size, sz[b.source]) for b in step.branches))
+            post = nn.Sequential(nn.BatchNorm2d(ch[i + 1]), nn.ReLU()) if step.post_norm else nn.Identity()
+            self.post.append(post)
+        last_ch, last_sz = ch[-1], sz[-1]
+        features = last_ch * last_sz * last_sz if spec.head_flatten else last_ch
+        self.pool = nn.Identity() if spec.head_flatten else nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(features, spec.classes)
+
+    def forward(self, x):
+        values = [x]
+        for step, branches, post in zip(self.spec.steps, self.branches, self.post):
+            if step.kind == "pool":
+                values.append(nn.functional.max_pool2d(values[step.source], 3, 1, 1))
+            elif step.kind == "up":
+                values.append(nn.functional.interpolate(values[step.source], scale_factor=2.0))
+            elif step.kind == "cat":
+                values.append(post(torch.cat([f(values[b.source]) for f, b in zip(branches, step.branches)], 1)))
+            else:
+                outs = [f(values[b.source]) for f, b in zip(branches, step.branches)]
+                total = values[step.identity] if step.identity is not None else outs.pop(0)
+                for o in outs:
+                    total = total + o
+                values.append(total)
+        return self.head(torch.flatten(self.pool(values[-1]), 1))
+
+
+@st.composite
+def net_specs(draw, max_steps: int = 6, max_width: int = 6) -> NetSpec:
+    in_channels = draw(st.integers(1, 3))
+    size = draw(st.integers(2, 6))
+    steps: list[Step] = []
+    ch, sz = [in_channels], [size]
+
+    def branch(out: int | None = None, source: int | None = None) -> Branch:
+        src = draw(st.integers(0, len(ch) - 1)) if source is None else source
+        return Branch(
+            source=src,
+            out=draw(st.integers(1, max_width)) if out is None else out,
+            kernel=draw(st.sampled_from([1, 3])),
+            norm=draw(st.booleans()),
+            act=draw(st.sampled_from(sorted(ACTIVATIONS))),
+            pre_act=src > 0 and draw(st.booleans()),
+        )
+
+    for _ in range(draw(st.integers(1, max_steps))):
+        kind = draw(st.sampled_from(["add", "cat", "add", "cat", "block", "pool", "up", "add", "cat"]))
+        if kind in ("pool", "up"):
+            source = draw(st.integers(0, len(ch) - 1))
+            if kind == "up" and sz[source] > 8:
+                kind = "pool"
+            step = Step(kind, source=source)
+        elif kind == "block":
+            step = Step("block", (branch(),))
+        elif kind == "add":
+            out = draw(st.integers(1, max_width))
+            same = [i for i, c in enumerate(ch) if c == out]
+            identity = draw(st.sampled_from(same)) if same and draw(st.booleans()) else None
+            n = draw(st.integers(1 if identity is not None else 2, 4))
+            step = Step("add", tuple(branch(out) for _ in range(n)), identity=identity)
+        else:
+            n = draw(st.integers(2, 4))
+            step = Step("cat", tuple(branch() for _ in range(n)), post_norm=draw(st.booleans()))
+        steps.append(step)
+        spec = NetSpec(in_channels, size, tuple(steps), False, 2)
+        ch, sz = spec.channels(), spec.sizes()
+    return NetSpec(in_channels, size, tuple(steps), draw(st.booleans()), draw(st.integers(1, 3)))
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int, dtype=torch.float32) -> nn.Module:
+    """Random weights, biases, norm variables and statistics; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.to(dtype).eval()
+
+
+@st.composite
+def supernets(draw, dtype=torch.float32, **kw):
+    """A random super-network (eval mode, random values) and an input for it."""
+    spec = draw(net_specs(**kw))
+    seed = draw(st.integers(0, 2**16))
+    model = randomize(RandomSupNet(spec), seed, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(draw(st.integers(1, 3)), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
+    return model, x
+
+
+@st.composite
+def valid_removals(draw, space) -> list[int]:
+    """A random valid removal: groups tried in a random order, kept while valid."""
+    order = draw(st.permutations(range(len(space.groups))))
+    limit = draw(st.integers(0, len(space.groups)))
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) >= limit:
+            break
+        if space.is_valid_removal(chosen + [i]):
+            chosen.append(i)
+    return chosen
