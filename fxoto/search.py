@@ -62,6 +62,49 @@ class Search:
                 f"(erasing more would leave a joint with no input). Choose K <= {len(largest)}."
             )
 
+        self.opt = None
+        self.history = None
+
+    def optimizer(self, lr: float | None = None, *, total_steps: int | None = None, **kwargs):
+        """An ``fxoto.H2SPG`` over the model's parameters, targeting K zero groups.
+
+        With ``total_steps`` (the run length), the phases default to a warm-up
+        of 10% of the run and a pruning phase over the next 40%, so the rest of
+        the run trains the sub-network's variables with the zeros in place.
+        """
+        from fxoto.optimizer import H2SPG
+
+        if total_steps is not None:
+            kwargs.setdefault("warmup_steps", max(1, total_steps // 10))
+            kwargs.setdefault("pruning_steps", max(1, (2 * total_steps) // 5))
+        if lr is not None:
+            kwargs["lr"] = lr
+        self.opt = H2SPG(self.space, self.K, **kwargs)
+        return self.opt
+
+    def fit(self, train_loader, loss_fn, epochs: int, val_loader=None, **kwargs):
+        """Train with H2SPG (created with run-length defaults if ``.optimizer()`` was not called).
+
+        Keyword arguments go to ``fxoto.train.fit``: ``scheduler``,
+        ``checkpoint_dir``, ``resume``, ``progress``.
+        """
+        from fxoto.train import fit
+
+        if self.opt is None:
+            self.optimizer(total_steps=epochs * len(train_loader))
+        self.history = fit(self.model, self.opt, train_loader, loss_fn, epochs, val_loader=val_loader, **kwargs)
+        return self.history
+
+    def subnet(self):
+        """The sub-network: a ``torch.fx.GraphModule`` with every zero GeZIG erased."""
+        return self.space.construct_subnet()
+
+    def report(self, example_inputs=None, val_loader=None, loss_fn=None) -> str:
+        """A table: groups erased, parameters, MACs, accuracy and the largest output difference."""
+        from fxoto.report import search_report
+
+        return search_report(self, example_inputs, val_loader, loss_fn).table
+
     def __repr__(self) -> str:
         return f"Search(K={self.K}, {self.space!r})"
 

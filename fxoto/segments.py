@@ -59,8 +59,20 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if is_data(n)]
 
 
+PARAMS = "fxoto.params"
+
+
 def own_parameters(node: fx.Node, gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
-    """The trainable variables a node uses: its module's, or its ``get_attr`` arguments."""
+    """The trainable variables a node uses: its module's, or its ``get_attr`` arguments.
+
+    Cached in ``node.meta["fxoto.params"]``.
+    """
+    if PARAMS not in node.meta:
+        node.meta[PARAMS] = _find_parameters(node, gm)
+    return node.meta[PARAMS]
+
+
+def _find_parameters(node: fx.Node, gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         prefix = f"{node.target}." if node.target else ""

@@ -117,6 +117,7 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
                 lo = shift + off
                 slices.setdefault(src.meta[SEGMENT], []).append((name, src.name, lo, lo + size))
 
+    params = dict(gm.named_parameters(remove_duplicate=False))
     groups: list[GeZIG] = []
     excluded: list[Exclusion] = []
     for seg in segments:
@@ -153,7 +154,7 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
         if shared:
             excluded.append(Exclusion(seg.nodes, f"shared variables: {shared}"))
             continue
-        groups.append(GeZIG(len(groups), seg.id, seg.nodes, tuple(members), _numel(members, gm)))
+        groups.append(GeZIG(len(groups), seg.id, seg.nodes, tuple(members), _numel(members, params)))
     return groups, excluded
 
 
@@ -161,8 +162,7 @@ def _has_params(seg: Segment, nodes_by_name, gm) -> bool:
     return any(own_parameters(nodes_by_name[n], gm) for n in seg.nodes)
 
 
-def _numel(members: list[Member], gm: fx.GraphModule) -> int:
-    params = dict(gm.named_parameters(remove_duplicate=False))
+def _numel(members: list[Member], params: dict[str, nn.Parameter]) -> int:
     total = 0
     for m in members:
         p = params[m.param]

@@ -1,0 +1,71 @@
+"""The end-of-search report: what was erased, what it saved, and proof of exactness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from fxoto.metrics import compare
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[dict[str, Any]]
+    erased: list[int]
+    max_output_difference: float
+    table: str
+
+    def markdown(self) -> str:
+        headers = list(self.rows[0])
+        body = [[r[h] for h in headers] for r in self.rows]
+        return (
+            tabulate(body, headers=headers, tablefmt="github", floatfmt=".4g")
+            + f"\n\nGeZIGs erased: {self.erased}\n\nmax |super - sub| output difference: {self.max_output_difference:.3g}\n"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "erased": self.erased, "max_output_difference": self.max_output_difference}
+
+
+@torch.no_grad()
+def _outputs(model, loader_or_input):
+    model.eval()
+    if isinstance(loader_or_input, torch.Tensor):
+        return [model(loader_or_input)], None
+    outs, correct, total = [], 0, 0
+    for x, y in loader_or_input:
+        out = model(x)
+        outs.append(out)
+        if out.dim() == 2 and y.dim() == 1:
+            correct += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    return outs, (correct / total if total else None)
+
+
+def search_report(search, example_inputs=None, val_loader=None, loss_fn=None) -> Report:
+    """Compare the trained super-network with its sub-network (eval mode)."""
+    model, space = search.model, search.space
+    sub = space.construct_subnet()
+    erased = space.zero_groups()
+    if example_inputs is None:
+        example_inputs = next(iter(val_loader))[0][:1] if val_loader is not None else None
+    if example_inputs is None:
+        raise ValueError("report() needs example_inputs or a val_loader")
+    x = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+    rows = compare(model, sub, x, len(erased))
+    super_out, super_acc = _outputs(model, val_loader if val_loader is not None else x)
+    sub_out, sub_acc = _outputs(sub, val_loader if val_loader is not None else x)
+    diff = max((a - b).abs().max().item() for a, b in zip(super_out, sub_out))
+    for row, acc in zip(rows, (super_acc, sub_acc)):
+        row["accuracy (%)"] = None if acc is None else round(100 * acc, 2)
+    table = tabulate(
+        [[r["network"], f"{r['parameters'] / 1e6:.3f}", f"{r['MACs'] / 1e6:.1f}", f"{100 * r['parameters ratio']:.1f}",
+          f"{100 * r['MACs ratio']:.1f}", r["groups erased"], "-" if r["accuracy (%)"] is None else f"{r['accuracy (%)']:.2f}"]
+         for r in rows],
+        headers=["network", "params (M)", "MACs (M)", "params (%)", "MACs (%)", "GeZIGs erased", "accuracy (%)"],
+        disable_numparse=True,
+    ) + f"\nmax |super - sub| output difference: {diff:.3g}"
+    return Report(rows, erased, diff, table)
