@@ -1,34 +1,59 @@
-"""Every torchvision classification model: its search space builds and every GeZIG is zero-invariant."""
+"""Every torchvision classification model: its search space builds, every GeZIG is
+zero-invariant, and random valid removals give exact sub-networks."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 import fxoto
 from util import segment_ends
 from zoo_models import EXPECTED_COUNTS, NO_JOINT, SHUFFLED, TORCHVISION, build, input_size
 
 
-@pytest.mark.parametrize("name", TORCHVISION)
-def test_search_space_of_torchvision_model(name):
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    original: dict
+
+    @torch.no_grad()
+    def reset(self):
+        state = self.model.state_dict()
+        for k, v in self.original.items():
+            state[k].copy_(v)
+
+
+@pytest.fixture(scope="module", params=TORCHVISION)
+def case(request):
+    """Each model is built once (module scope: pytest runs both tests on it in a row)."""
+    name = request.param
     model = build(name)
-    x = torch.randn(1, 3, input_size(name), input_size(name), generator=torch.Generator().manual_seed(1))
-    space = fxoto.build_space(model, (x,))
-    if name in NO_JOINT or name in SHUFFLED:
+    x = torch.randn(2, 3, input_size(name), input_size(name), generator=torch.Generator().manual_seed(1))
+    return Case(name, model, x, {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def test_search_space_of_torchvision_model(case):
+    case.reset()
+    space = fxoto.build_space(case.model, (case.x,))
+    if case.name in NO_JOINT or case.name in SHUFFLED:
         assert space.groups == []
         return
-    assert space.groups, f"{name}: residual or multi-branch structure but no GeZIG"
-    if name in EXPECTED_COUNTS:
-        assert len(space.groups) == EXPECTED_COUNTS[name]
+    assert space.groups, f"{case.name}: residual or multi-branch structure but no GeZIG"
+    if case.name in EXPECTED_COUNTS:
+        assert len(space.groups) == EXPECTED_COUNTS[case.name]
 
     # Zero-invariance, numerically: before zeroing every segment end is non-zero;
     # with every group zeroed, every segment end is exactly zero at the moment
     # it is produced (later in-place ops cannot hide a failure).
-    before = segment_ends(space, x)
+    before = segment_ends(space, case.x)
     assert all(v.abs().sum() > 0 for v in before.values())
     space.zero_(range(len(space.groups)))
-    after = segment_ends(space, x)
+    after = segment_ends(space, case.x)
     not_zero = [str(space.groups[i]) for i, v in after.items() if v.abs().max() > 0]
-    assert not not_zero, f"{name}: groups not zero-invariant: {not_zero[:3]}"
+    assert not not_zero, f"{case.name}: groups not zero-invariant: {not_zero[:3]}"
 
 
 def random_valid_removal(space, seed):
@@ -44,23 +69,21 @@ def random_valid_removal(space, seed):
     return chosen
 
 
-@pytest.mark.parametrize("name", [n for n in TORCHVISION if n not in NO_JOINT | SHUFFLED])
-def test_subnet_of_torchvision_model_is_exact(name):
-    model = build(name)
-    x = torch.randn(2, 3, input_size(name), input_size(name), generator=torch.Generator().manual_seed(2))
-    space = fxoto.build_space(model, (x,))
-    state = model.state_dict()
-    original = {k: v.clone() for k, v in state.items()}
-    n_super = sum(p.numel() for p in model.parameters())
+def test_subnet_of_torchvision_model_is_exact(case):
+    case.reset()
+    space = fxoto.build_space(case.model, (case.x,))
+    if not space.groups:
+        assert case.name in NO_JOINT | SHUFFLED
+        return
+    n_super = sum(p.numel() for p in case.model.parameters())
     for seed in range(3):
-        for k, v in original.items():
-            state[k].copy_(v)
+        case.reset()
         ids = random_valid_removal(space, seed)
         space.zero_(ids)
         with torch.no_grad():
-            expected = model(x)
+            expected = case.model(case.x)
             sub = space.construct_subnet()
-            got = sub(x)
+            got = sub(case.x)
         scale = max(1.0, expected.abs().max().item())
-        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), f"{name} seed {seed}: {(got - expected).abs().max()}"
+        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), f"{case.name} seed {seed}: {(got - expected).abs().max()}"
         assert sum(p.numel() for p in sub.parameters()) < n_super
