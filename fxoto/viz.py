@@ -14,6 +14,7 @@ import colorsys
 import re
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ __all__ = ["render", "summary", "to_dot"]
 _GOLDEN = 0.618033988749895
 _GREY_FILL = "#eeeeee"
 _GREY_LINE = "#999999"
+_SHAPES = {"source": "ellipse", "output": "ellipse", "joint": "hexagon"}  # the rest are boxes
 
 
 def _abbreviate(nodes: Sequence[str], limit: int = 4) -> list[str]:
@@ -110,13 +112,7 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
         lines.append(f'  labelloc=b; label={_quote(caption)};')
     for seg in space.segments:
         label = [_shorten(n) for n in _abbreviate(seg.nodes)]
-        attrs: dict[str, str] = {}
-        if seg.kind in ("source", "output"):
-            attrs["shape"] = "ellipse"
-        elif seg.kind == "joint":
-            attrs["shape"] = "hexagon"
-        else:
-            attrs["shape"] = "box"
+        attrs = {"shape": _SHAPES.get(seg.kind, "box")}
         style = []
         group = group_of.get(seg.id)
         if group is not None:
@@ -128,7 +124,8 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
             attrs.update(fillcolor=_GREY_FILL, color=_GREY_LINE, fontcolor=_GREY_LINE)
         if style:
             attrs["style"] = ",".join(style)
-        lines.append(f"  s{seg.id} {_attrs(label=chr(10).join(label), **attrs)};")
+        attrs["label"] = "\n".join(label)
+        lines.append(f"  s{seg.id} {_attrs(**attrs)};")
     for seg in space.segments:
         for i in seg.inputs:
             faded = {seg.id, i} & (gone | dead)
@@ -173,11 +170,11 @@ def render(dot: str, path: str | Path) -> Path:
             raise RuntimeError(f"Graphviz could not draw {dot_file}: {done.stderr.strip()}")
         return svg
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         return dot_file
     png = path.with_name(path.name + ".png")
-    _draw_png(_parse_dot(dot), png, matplotlib)
+    _draw_png(_parse_dot(dot), png)
     return png
 
 
@@ -247,29 +244,42 @@ def _layers(nodes: Iterable[str], edges: list[tuple[str, str, dict]]) -> list[li
     return layers
 
 
-def _draw_png(parsed, png: Path, matplotlib) -> None:
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def _draw_png(parsed, png: Path) -> None:
+    """Draw ``_parse_dot``'s vertices and edges in layers, top to bottom, into ``png``."""
+    # Agg directly, not pyplot: no global backend switch, no figure left open.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch
 
     nodes, edges, caption = parsed
     layers = _layers(nodes, edges)
     width = max((len(layer) for layer in layers), default=1)
-    size = (max(4.0, 2.4 * width), max(3.0, 1.1 * len(layers) + 0.6))
+    labels = [attrs.get("label", name).split("\n") for name, attrs in nodes.items()]
+    # A column as wide as the widest label (8-point text: about 0.075 inch a character), a row
+    # as tall as the tallest; margins and the caption in inches.
+    column = max(1.2, 0.075 * max((len(line) for label in labels for line in label), default=1) + 0.5)
+    row = max(0.9, 0.16 * max((len(label) for label in labels), default=1) + 0.5)
+    margin = 0.3
+    wide = column * width + 2 * margin
+    caption = "\n".join(w for line in caption.splitlines() for w in textwrap.wrap(line, max(24, int(wide / 0.08))))
+    top = margin + (0.2 * (caption.count("\n") + 1) if caption else 0.0)
+    size = (wide, row * len(layers) + margin + top)
     dpi = min(100, int(60000 / max(size)))  # keep within the Agg backend's pixel limit
-    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((margin / size[0], margin / size[1], 1 - 2 * margin / size[0], 1 - (margin + top) / size[1]))
     ax.set_xlim(-width / 2, width / 2)
     ax.set_ylim(-len(layers) + 0.5, 0.5)
     ax.axis("off")
     boxstyle = {"box": "square,pad=0.4", "ellipse": "round,pad=0.5", "hexagon": "round4,pad=0.4"}
     texts = {}
-    for depth, layer in enumerate(layers):
+    for level, layer in enumerate(layers):
         for i, name in enumerate(layer):
             attrs = nodes[name]
             dashed = "dashed" in attrs.get("style", "")
             filled = "filled" in attrs.get("style", "")
             texts[name] = ax.text(
-                i - (len(layer) - 1) / 2, -depth, attrs.get("label", name),
+                i - (len(layer) - 1) / 2, -level, attrs.get("label", name),
                 ha="center", va="center", fontsize=8, zorder=3, color=attrs.get("fontcolor", "black"),
                 bbox={
                     "boxstyle": boxstyle.get(attrs.get("shape", "box"), "square,pad=0.4"),
@@ -279,14 +289,16 @@ def _draw_png(parsed, png: Path, matplotlib) -> None:
                 },
             )
     if caption:
-        ax.set_title(caption, fontsize=9)
+        fig.text(0.5, 1 - margin / size[1], caption, ha="center", va="top", fontsize=9)
     fig.canvas.draw()  # places the label boxes, which the arrows are clipped to
+    depth = {name: d for d, layer in enumerate(layers) for name in layer}
     for a, b, attrs in edges:
+        skips = depth[b] - depth[a] > 1  # bowed, so that it passes beside the layers between
         ax.add_patch(FancyArrowPatch(
             texts[a].get_position(), texts[b].get_position(),
             patchA=texts[a].get_bbox_patch(), patchB=texts[b].get_bbox_patch(),
+            connectionstyle=f"arc3,rad={0.3 if skips else 0.0}",
             arrowstyle="-|>", mutation_scale=10, zorder=4,
             color=attrs.get("color", "#555555"), linestyle="--" if attrs.get("style") == "dashed" else "-",
         ))
     fig.savefig(png, dpi=dpi)
-    plt.close(fig)

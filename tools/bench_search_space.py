@@ -1,0 +1,146 @@
+"""Search-space build time: fxoto against torch-pruning, and growth with graph size (DESIGN 8).
+
+For six torchvision models (random init, eval, one 1x3x224x224 input) this times, in one process
+and on the same model objects, ``fxoto.build_space`` and torch-pruning's
+``DependencyGraph().build_dependency``, taking turns for ``--repeats`` rounds after one warm-up,
+and prints the median and the minimum of each and their ratio fxoto / torch-pruning (target: 0.5
+or less). Both trace the model and find which tensors must change together, though not the same
+thing: torch-pruning's graph couples channels for channel pruning, fxoto's groups are whole
+removable segments. torch-pruning runs a real forward pass at 224x224 (most of its time is in
+``conv2d``), fxoto propagates shapes on the meta device; so torch-pruning's time follows the
+load on the machine far more than fxoto's does, and the minima are the steadier comparison.
+
+Then it times fxoto on the super-network zoo (``fxoto.zoo.MODELS``), with the fx node count and
+the time per node, so that the growth from darts8 to darts14 can be read off as about linear.
+``--update-docs`` writes the GeZIG counts and build times into ``docs/zoo.md``.
+
+    PYTHONPATH=. .venv/bin/python tools/bench_search_space.py [--repeats 5] [--update-docs]
+
+Runs on two threads (``torch.set_num_threads(2)``), as the timings in the docs were taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+import fxoto  # noqa: E402
+from fxoto.zoo import MODELS, example_input  # noqa: E402
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "regnet_x_400mf"]
+TARGET = 0.5
+
+
+def timings(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Wall times of each of ``fns`` over ``repeats`` rounds, after one warm-up round.
+
+    The functions take turns within each round, so that load from other processes on the
+    machine falls on all of them alike.
+    """
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return times
+
+
+def bench_torchvision(names: list[str], repeats: int) -> list[list]:
+    import torch_pruning as tp
+
+    rows = []
+    for name in names:
+        model = torchvision.models.get_model(name).eval()
+        x = torch.randn(1, 3, 224, 224)
+        space = fxoto.build_space(model, (x,))
+        all_fxoto, all_tp = timings([
+            lambda: fxoto.build_space(model, (x,)),
+            lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x),
+        ], repeats)
+        t_fxoto, t_tp = statistics.median(all_fxoto), statistics.median(all_tp)
+        ratio = t_fxoto / t_tp
+        rows.append([name, len(space.gm.graph.nodes), len(space.groups), 1e3 * t_fxoto, 1e3 * min(all_fxoto),
+                     1e3 * t_tp, 1e3 * min(all_tp), ratio, min(all_fxoto) / min(all_tp),
+                     "yes" if ratio <= TARGET else "NO"])
+        print(f"  {name}: fxoto {1e3 * t_fxoto:.1f} ms, torch-pruning {1e3 * t_tp:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_zoo(names: list[str], repeats: int) -> list[list]:
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        model = MODELS[name]().eval()
+        x = example_input(name)
+        space = fxoto.build_space(model, (x,))
+        seconds = statistics.median(timings([lambda: fxoto.build_space(model, (x,))], repeats)[0])
+        nodes = len(space.gm.graph.nodes)
+        rows.append([name, "x".join(map(str, x.shape[1:])), nodes, len(space.groups), 1e3 * seconds, 1e6 * seconds / nodes])
+        print(f"  {name}: {1e3 * seconds:.1f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def update_zoo_doc(rows: list[list], doc: Path) -> None:
+    """Fill the last two columns (GeZIGs, build time) of each model's row in ``docs/zoo.md``."""
+    text = doc.read_text()
+    for name, _shape, _nodes, groups, ms, _per_node in rows:
+        pattern = re.compile(rf"^(\| `{re.escape(name)}` \|.*?)\|[^|\n]*\|[^|\n]*\|[ \t]*$", re.M)
+        text, n = pattern.subn(lambda m: f"{m.group(1)}| {groups} | {ms:.0f} ms |", text)
+        if n != 1:
+            raise SystemExit(f"{doc}: found {n} table rows for `{name}`, expected one")
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (default 5)")
+    parser.add_argument("--models", nargs="*", default=TORCHVISION, help="torchvision models to compare")
+    parser.add_argument("--zoo", nargs="*", default=list(MODELS), help="fxoto.zoo super-networks to time")
+    parser.add_argument("--update-docs", action="store_true", help="write GeZIGs and build time into docs/zoo.md")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} after 1 warm-up\n")
+
+    if args.models:
+        rows = bench_torchvision(args.models, args.repeats)
+        print(tabulate(rows, headers=["model (224x224)", "fx nodes", "GeZIGs", "fxoto median (ms)", "fxoto min",
+                                      "torch-pruning median (ms)", "tp min", "ratio of medians", "ratio of minima",
+                                      f"median ratio <= {TARGET}"],
+                       floatfmt=(".0f", ".0f", ".0f", ".1f", ".1f", ".1f", ".1f", ".3f", ".3f"), tablefmt="github"))
+        print()
+    if args.zoo:
+        zoo = bench_zoo(args.zoo, args.repeats)
+        print(tabulate(zoo, headers=["super-network", "input", "fx nodes", "GeZIGs", "fxoto (ms)", "us per node"],
+                       floatfmt=(".0f", ".0f", ".0f", ".0f", ".1f", ".1f"), tablefmt="github"))
+        darts = {row[0]: row for row in zoo if row[0] in ("darts8", "darts14")}
+        if len(darts) == 2:
+            small, large = darts["darts8"], darts["darts14"]
+            print(f"\ndarts8 -> darts14: {large[2] / small[2]:.2f}x the nodes, {large[4] / small[4]:.2f}x the time")
+        if args.update_docs:
+            update_zoo_doc(zoo, ROOT / "docs" / "zoo.md")
+            print("updated docs/zoo.md")
+
+
+if __name__ == "__main__":
+    main()
