@@ -77,9 +77,9 @@ class Search:
         if total_steps is not None:
             kwargs.setdefault("warmup_steps", max(1, total_steps // 10))
             kwargs.setdefault("pruning_steps", max(1, (2 * total_steps) // 5))
-        if lr is not None:
-            kwargs["lr"] = lr
-        self.opt = H2SPG(self.space, self.K, **kwargs)
+        if lr is None:
+            lr = 0.05 if kwargs.get("variant", "sgd") == "sgd" else 1e-3
+        self.opt = H2SPG(self.space, self.K, lr, **kwargs)
         return self.opt
 
     def fit(self, train_loader, loss_fn, epochs: int, val_loader=None, **kwargs):

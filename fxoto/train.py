@@ -133,6 +133,9 @@ def fit(
         start, history = load_checkpoint(Path(resume), model, optimizer, train_loader)
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     epoch = start
+    # Groups shrinking towards zero under the group lasso pass through denormal
+    # floats, which slow CPU arithmetic several-fold: flush them while training.
+    flushed = torch.set_flush_denormal(True)
     try:
         for epoch in range(start, epochs):
             model.train()
@@ -173,4 +176,7 @@ def fit(
             save_checkpoint(interrupted, model, optimizer, epoch, history, train_loader)
             print(f"\ninterrupted: resume from {interrupted} (epoch {epoch + 1} restarts)", file=stream or sys.stderr)
         raise
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
     return history

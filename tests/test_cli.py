@@ -35,3 +35,33 @@ def test_errors_are_one_clear_line(argv, message, capsys, tmp_path):
     assert message in err
     assert err.startswith(f"fxoto {argv[0]}: error:")
     assert len(err.splitlines()) == 1 or "no removable structure" in err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sub-network" in out and "max |super - sub| output difference" in out
+    for name in ("subnet.pt", "report.md", "report.json", "graph_before.dot", "graph_after.dot", "subnet/module.py",
+                 "checkpoints/last.pt"):
+        assert (tmp_path / name).exists(), name
+
+
+def test_demo_subnet_equals_the_trained_supernet_on_validation(tmp_path):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fxoto.data import get_dataset
+    from fxoto.pipeline import Fitted, run_demo
+
+    result = run_demo(out=tmp_path, quick=True)
+    model, sub = result.search.model.eval(), result.subnet
+    _, val = get_dataset("digits")
+    diff = 0.0
+    with torch.no_grad():
+        for x, _ in DataLoader(Fitted(val, (1, 28, 28)), batch_size=128):
+            expected = model(x)
+            diff = max(diff, (sub(x) - expected).abs().max().item() / max(1.0, expected.abs().max().item()))
+    assert diff < 1e-5
+    assert len(result.search.space.zero_groups()) == 3
+    assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
+    assert result.report_data.max_output_difference < 1e-4
