@@ -118,7 +118,8 @@ def _cat_dim(node: fx.Node) -> int:
 
 
 def _cat_inputs(node: fx.Node) -> list[fx.Node] | None:
-    inputs = node.args[0] if node.args else node.kwargs.get("tensors")
+    # Only the positional form, torch.cat([...], dim): the rewrite edits args[0].
+    inputs = node.args[0] if node.args else None
     if not isinstance(inputs, (list, tuple)) or not all(isinstance(n, fx.Node) and is_data(n) for n in inputs):
         return None
     return list(inputs)

@@ -113,7 +113,6 @@ def _rewire_joint(graph: fx.Graph, node: fx.Node, erased: set[str]) -> None:
             node.replace_all_uses_with(kept[0])
         else:
             node.args = (kept,) + tuple(node.args[1:])
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "tensors"}
         return
     if len(kept) == 1:
         node.replace_all_uses_with(kept[0])
