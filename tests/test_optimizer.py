@@ -1,0 +1,436 @@
+"""H2SPG (paper, section 3.2 and Algorithm 3; DESIGN 5).
+
+The selection obeys the hierarchy, the target group sparsity is met exactly, the
+sub-network then equals the super-network, and the optimizer behaves as a
+torch.optim citizen: schedulers, clipping, grad scalers, checkpoints, DDP.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxoto
+from fxoto.optimizer import H2SPG, dhspg_lambda, half_space_project, redundancy_score, select_redundant
+from fxoto.zoo import DemoSupNet
+from strategies import supernets
+
+# DemoSupNet's GeZIGs, by id, named after their convolution (paper, Figure 1a).
+G2, G3, G4, G7, G8 = range(5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: a second OpenMP thread only waits on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def demo(seed: int = 0):
+    torch.manual_seed(seed)
+    model = DemoSupNet(stem_width=6, branch_width=4, mid_width=5, add_width=7)
+    return model, fxoto.build_space(model, (torch.randn(1, 1, 28, 28),))
+
+
+def batches(n: int, seed: int = 0, size: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def fixed_scores(*scores):
+    return lambda params, grads: torch.tensor(scores, dtype=torch.float64)
+
+
+def test_demosupnet_gezigs_are_the_papers():
+    _, space = demo()
+    convs = [next(n for n in g.nodes if n.startswith("conv")) for g in space.groups]
+    assert convs == ["conv2", "conv3", "conv4", "conv7", "conv8"]
+
+
+# -- the paper's rules ---------------------------------------------------------------------------
+
+
+def test_redundancy_score_by_hand():
+    # Group a: x = (1, 0), gradient along x: cosine 1, RMS magnitude sqrt(1/2).
+    # Group b: x = (2, 0), gradient against x: cosine -1, RMS magnitude sqrt(2).
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])
+    s = redundancy_score([[a], [b]], [[torch.tensor([3.0, 0.0])], [torch.tensor([-1.0, 0.0])]])
+    cos = torch.tensor([1.0, -1.0], dtype=torch.float64) / math.sqrt(2)
+    inv = torch.tensor([math.sqrt(2), 1 / math.sqrt(2)], dtype=torch.float64)
+    assert torch.allclose(s, cos + inv / inv.norm(), atol=1e-7)
+    assert s[0] > s[1]
+
+
+@given(st.lists(st.floats(-3, 3), min_size=4, max_size=4), st.lists(st.floats(-3, 3), min_size=4, max_size=4))
+def test_dhspg_lambda_keeps_a_descent_direction(x, d):
+    x, d = torch.tensor(x, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
+    if x.norm() < 1e-3 or d.norm() < 1e-3:
+        return
+    lam = dhspg_lambda(float(x.norm()), float(x @ d), float(d @ d), 1e-2, 20.0, 1e3)
+    assert lam >= 1e-2 or float(x @ d) < 0
+    mixed = d + lam * x / x.norm()
+    assert float(d @ mixed) > -1e-9  # still a descent direction of f
+    if float(x @ d) >= 0:
+        assert lam == 1e-2
+    else:
+        lb = -float(x @ d) / float(x.norm())
+        ub = -float(d @ d) * float(x.norm()) / float(x @ d)
+        if lb < lam < ub:
+            assert float(x @ mixed) > 0  # and it shrinks the group
+
+
+def test_half_space_project():
+    group = [torch.ones(3), torch.ones(2)]
+    assert not half_space_project(group, new_dot_old=4.0, old_sq=5.0, epsilon=0.5)
+    assert all(bool(t.all()) for t in group)
+    assert half_space_project(group, new_dot_old=2.0, old_sq=5.0, epsilon=0.5)
+    assert all(not t.any() for t in group)
+
+
+# -- selection and the hierarchy (Algorithm 3, line 8; paper, Figure 2) ------------------------
+
+
+def test_conv7_is_never_selected():
+    # Scores g8 > g7 > g2 > g3 > g4: g7 would leave the Add without inputs once g8 is gone.
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.01, warmup_steps=2, pruning_steps=3, score_fn=fixed_scores(3, 2, 1, 4, 5))
+    data = batches(8)
+    train(model, opt, data[:2])
+    assert opt.phase == "hybrid"
+    assert opt.redundant == [G8, G2, G3]
+    train(model, opt, data[2:])
+    assert space.zero_groups() == [G2, G3, G8]
+
+
+@given(st.lists(st.floats(-10, 10), min_size=5, max_size=5), st.integers(0, 3))
+@settings(max_examples=30)
+def test_selection_on_demosupnet_is_a_valid_removal(scores, K):
+    model, space = demo()
+    x, y = batches(1)[0]
+    opt = H2SPG(space, K, 0.0, warmup_steps=1, pruning_steps=1, score_fn=fixed_scores(*scores))
+    train(model, opt, [(x, y)])
+    chosen = opt.redundant
+    assert len(chosen) == K and space.is_valid_removal(chosen)
+    assert not {G7, G8} <= set(chosen) and not {G2, G3, G4} <= set(chosen)
+    # Most redundant first: every group ranked above the last one chosen was chosen or invalid.
+    for g in sorted(range(5), key=lambda g: (-scores[g], g)):
+        if not chosen or g == chosen[-1]:
+            break
+        before = chosen[: sum(1 for c in chosen if (-scores[c], c) < (-scores[g], g))]
+        assert g in chosen or not space.is_valid_removal(before + [g])
+
+
+@given(supernets(), st.data())
+@settings(max_examples=15)
+def test_selection_on_random_supernets_is_a_valid_removal(net, data):
+    model, x = net
+    space = fxoto.build_space(model, (x,))
+    n = len(space.groups)
+    scores = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=n, max_size=n)), dtype=torch.float64)
+    most = len(space.greedy_max_removal())
+    K = data.draw(st.integers(min(1, most), most))
+    try:
+        chosen = select_redundant(space, scores, K)
+    except fxoto.KTooLargeError:
+        return  # this ranking blocks itself before K: said so, not papered over
+    assert len(chosen) == K and space.is_valid_removal(chosen)
+
+
+# -- the target, met exactly; the sub-network equals the super-network ----------------------
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
+def test_demosupnet_end_to_end(variant):
+    model, space = demo()
+    lr = 0.05 if variant == "sgd" else 0.01
+    opt = H2SPG(space, 3, lr, variant=variant, weight_decay=1e-4, warmup_steps=4, pruning_steps=6)
+    train(model, opt, batches(14))
+    assert opt.phase == "pruned"
+    assert space.zero_groups() == sorted(opt.redundant) and len(opt.redundant) == 3
+    for g in opt.redundant:  # pinned: variables and their optimizer state are zero
+        for part in opt._parts[g]:
+            for value in opt.state[part.param].values():
+                if value.shape == part.param.shape:
+                    assert not part.of(value).any()
+    m = opt.metrics()
+    assert m["zero_groups"] == 3 and m["group_sparsity"] == 3 / 5 and m["norm_redundant"] == 0.0
+    assert m["norm_important"] > 0 and m["forced"] == len(opt.forced) and m["step"] == 14
+
+    model.eval()
+    x = batches(1, seed=1)[0][0]
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(space.construct_subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+@given(supernets(), st.data())
+@settings(max_examples=10)
+def test_random_supernets_end_to_end(net, data):
+    model, x = net
+    space = fxoto.build_space(model, (x,))
+    most = len(space.greedy_max_removal())
+    K = data.draw(st.integers(min(1, most), most))
+    variant = data.draw(st.sampled_from(["sgd", "adam"]))
+    opt = H2SPG(space, K, 0.01, variant=variant, warmup_steps=1, pruning_steps=2)
+    try:
+        for _ in range(4):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    except fxoto.KTooLargeError:
+        return
+    note(f"redundant: {opt.redundant}, forced: {opt.forced}")
+    assert space.zero_groups() == sorted(opt.redundant) and len(opt.redundant) == K
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(space.construct_subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+def test_half_space_projection_zeroes_groups_before_the_end():
+    # With no pull from f (zero gradient) the lasso step walks each group to the origin; the
+    # projection catches it as it crosses, so nothing is left for the final forced projection.
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.5, momentum=0.0, warmup_steps=1, pruning_steps=200, lambda0=0.5, hat_lambda_coef=1.0)
+    for step in range(200):
+        opt.zero_grad()
+        (0.0 * model(batches(1)[0][0]).sum()).backward()
+        opt.step()
+        if len(space.zero_groups()) == 3:
+            break
+    assert opt.phase == "hybrid" and opt.forced == [] and space.zero_groups() == sorted(opt.redundant)
+
+
+# -- a synthetic task with a known answer ------------------------------------------------------
+
+
+class Branches(nn.Module):
+    """n parallel Linear branches, each reading its own slice of the input, summed."""
+
+    def __init__(self, n: int = 6, k: int = 4):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(k, 1, bias=False) for _ in range(n))
+
+    def forward(self, x):
+        out = self.branches[0](x[:, 0])
+        for i in range(1, len(self.branches)):
+            out = out + self.branches[i](x[:, i])
+        return out
+
+
+def known_answer(seed: int, n: int = 6, k: int = 4, samples: int = 256):
+    """Inputs, targets and the useless branches: the target reads 3 of the n branch inputs."""
+    g = torch.Generator().manual_seed(seed)
+    space = fxoto.build_space(Branches(n, k), (torch.randn(2, n, k),))
+    while True:  # the useless branches must be a valid removal to be the answer
+        useless = sorted(torch.randperm(n, generator=g)[:3].tolist())
+        if space.is_valid_removal(useless):
+            break
+    w = torch.randn(n, k, generator=g)
+    w = w / w.norm(dim=1, keepdim=True)
+    w[useless] = 0.0
+    x = torch.randn(samples, n, k, generator=g)
+    return x, 2 * torch.tanh(torch.einsum("bnk,nk->bn", x, w)).sum(1, keepdim=True), useless
+
+
+def fit(model, opt, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((model(x) - y).square().mean())
+
+
+def test_known_answer_useless_branches_are_removed():
+    hits, ratios = 0, []
+    for seed in range(10):
+        x, y, useless = known_answer(seed)
+        torch.manual_seed(seed)
+        model = Branches()
+        space = fxoto.build_space(model, (x[:2],))
+        opt = H2SPG(space, 3, 0.05, warmup_steps=30, pruning_steps=100)
+        loss = fit(model, opt, x, y, 300)
+        assert len(space.zero_groups()) == 3
+        hits += space.zero_groups() == useless
+
+        torch.manual_seed(seed)
+        plain = Branches()
+        ratios.append(loss / fit(plain, torch.optim.SGD(plain.parameters(), 0.05, momentum=0.9), x, y, 300))
+    assert hits >= 9, f"useless branches found in only {hits} of 10 runs"
+    assert max(ratios) < 1.15, f"loss against plain training: {ratios}"
+
+
+# -- a torch.optim citizen ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant, reference", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_warmup_steps_are_torchs_own(variant, reference):
+    model, space = demo()
+    twin, _ = demo()
+    kw = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    opt = H2SPG(space, 3, variant=variant, warmup_steps=100, pruning_steps=1, **kw)
+    ref = reference(twin.parameters(), **kw)
+    data = batches(5)
+    train(model, opt, data)
+    train(twin, ref, data)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_warmup_sgd_matches_torch_sgd():
+    model, space = demo()
+    twin, _ = demo()
+    opt = H2SPG(space, 3, 0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, warmup_steps=100, pruning_steps=1)
+    ref = torch.optim.SGD(twin.parameters(), 0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    data = batches(5)
+    train(model, opt, data)
+    train(twin, ref, data)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)  # one fused multiply-add differs in rounding
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
+def test_resume_mid_search_is_bit_identical(variant):
+    data = batches(12)
+    kw = dict(variant=variant, weight_decay=1e-3, warmup_steps=3, pruning_steps=6)
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.02, **kw)
+    train(model, opt, data[:5])
+    assert opt.phase == "hybrid"
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, data[5:])
+
+    fresh, fresh_space = demo(seed=1)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    fresh.load_state_dict(ckpt["model"])
+    resumed = H2SPG(fresh_space, 3, 0.02, **kw)
+    resumed.load_state_dict(ckpt["opt"])
+    assert resumed.redundant == opt.redundant and resumed.phase == "hybrid"
+    train(fresh, resumed, data[5:])
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.forced == opt.forced and torch.equal(resumed.scores, opt.scores)
+
+
+def test_scheduler_clipping_and_grad_scaler():
+    def run(scaler):
+        model, space = demo()
+        opt = H2SPG(space, 3, 0.05, warmup_steps=2, pruning_steps=3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for x, y in batches(6):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        return model, opt, space
+
+    scaled, opt, space = run(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    plain, _, _ = run(torch.amp.GradScaler("cpu", enabled=False))
+    assert opt.param_groups[0]["lr"] == 0.05 * 0.5**3
+    assert space.zero_groups() == sorted(opt.redundant)
+    for p, q in zip(scaled.parameters(), plain.parameters()):  # scaling by a power of two is exact
+        assert torch.equal(p, q)
+
+    # A non-finite gradient under a scaler: the scaler skips the step, H2SPG is not called.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = opt.metrics()["step"]
+    opt.zero_grad()
+    loss = F.cross_entropy(scaled(batches(1)[0][0]), batches(1)[0][1])
+    scaler.scale(loss * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.metrics()["step"] == before and scaler.get_scale() < 2.0**10
+
+
+# -- errors for people ---------------------------------------------------------------------------
+
+
+def test_k_too_large():
+    _, space = demo()
+    with pytest.raises(fxoto.KTooLargeError, match="K <= 3"):
+        H2SPG(space, 4, 0.1, warmup_steps=1, pruning_steps=1)
+    with pytest.raises(fxoto.KTooLargeError, match="only 5 GeZIGs"):
+        H2SPG(space, 6, 0.1, warmup_steps=1, pruning_steps=1)
+    with pytest.raises(fxoto.KTooLargeError, match="Choose K <= 3"):
+        select_redundant(space, torch.zeros(5), 4)
+
+
+def test_non_finite_gradient_names_the_parameter():
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    model.conv7.weight.grad[0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv7\.weight'.*nothing was updated"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+
+
+def test_bad_score_fn_and_settings():
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1, score_fn=fixed_scores(1, 2))
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="5 finite scores"):
+        opt.step()
+    with pytest.raises(ValueError, match="variant"):
+        H2SPG(space, 3, 0.1, variant="rmsprop", warmup_steps=1, pruning_steps=1)
+    with pytest.raises(ValueError, match="epsilon"):
+        H2SPG(space, 3, 0.1, epsilon=1.0, warmup_steps=1, pruning_steps=1)
+
+
+# -- DDP: every rank selects the same groups ---------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model, space = demo()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = H2SPG(space, 3, 0.05, warmup_steps=3, pruning_steps=3)
+        for x, y in batches(8, seed=10 + rank):  # each rank its own data
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        torch.save({"redundant": opt.redundant, "scores": opt.scores, "params": list(model.parameters())},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_agree():
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "rendezvous")
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, init, tmp), nprocs=2, join=True)
+        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
+    assert r0["redundant"] == r1["redundant"] and len(r0["redundant"]) == 3
+    assert torch.equal(r0["scores"], r1["scores"])
+    for p, q in zip(r0["params"], r1["params"]):
+        assert torch.equal(p, q)

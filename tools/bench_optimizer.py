@@ -1,0 +1,123 @@
+"""H2SPG's step time and state size against torch.optim.SGD(momentum=0.9) and Adam (DESIGN 8).
+
+Gradients are computed once per model; then only ``opt.step()`` is timed, repeatedly, on
+those same gradients.  The optimizers take turns round by round, so that load from other
+processes on the machine falls on all of them alike; the table gives medians.  H2SPG is
+timed in its hybrid phase with no redundant group zero yet (the costly case: every
+redundant group takes the group-lasso step), and in the pruned phase (redundant groups
+pinned at zero).  "state" counts the bytes of the optimizer's tensors: per-parameter state
+plus H2SPG's per-group scores.
+
+    PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--size 224] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import fxoto
+from fxoto.optimizer import H2SPG
+from fxoto.zoo import DemoSupNet
+
+LR = 1e-7  # tiny, so that repeated steps on one gradient keep the parameters (and phases) as they are
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    if isinstance(opt, H2SPG):
+        total += opt.scores.numel() * opt.scores.element_size()
+    return total
+
+
+def hybrid(space: fxoto.SearchSpace, K: int, variant: str, pruned: bool) -> H2SPG:
+    """An H2SPG past its one warm-up step: in the hybrid phase, or (pruned) past it."""
+    opt = H2SPG(space, K, LR, variant=variant, warmup_steps=1, pruning_steps=0 if pruned else 10**9)
+    opt.step()
+    assert opt.phase == ("pruned" if pruned else "hybrid")
+    return opt
+
+
+def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rounds: int, steps: int) -> list[list]:
+    space = fxoto.build_space(model, (x,))
+    model.train()
+    labels = torch.randint(0, model(x[:1]).shape[1], (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(model(x), labels).backward()
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    saved = [p.detach().clone() for p in params]
+
+    def restore():  # pruned runs zero their redundant groups in the shared parameters
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+    opts: dict[tuple[str, int | None], torch.optim.Optimizer] = {
+        ("torch SGD(momentum=0.9)", None): torch.optim.SGD(params, LR, momentum=0.9),
+        ("torch Adam", None): torch.optim.Adam(params, LR),
+    }
+    for pruned in (False, True):  # all hybrid ones select before any pruned one zeroes groups
+        for K in Ks:
+            for variant in ("sgd", "adam"):
+                opts[(f"H2SPG {variant}, {'pruned' if pruned else 'hybrid'}", K)] = hybrid(space, K, variant, pruned)
+    for opt in opts.values():  # state allocated before timing
+        opt.step()
+    restore()
+
+    times: dict[tuple[str, int | None], list[float]] = {k: [] for k in opts}
+    for _ in range(rounds):
+        for key, opt in opts.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                opt.step()
+                times[key].append(time.perf_counter() - t0)
+        restore()
+    for (label, _), opt in opts.items():
+        if isinstance(opt, H2SPG) and "hybrid" in label:
+            assert opt.phase == "hybrid" and not opt._zero, "a redundant group went to zero while timing"
+
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    sgd, adam = med[("torch SGD(momentum=0.9)", None)], med[("torch Adam", None)]
+    sgd_state = state_bytes(opts[("torch SGD(momentum=0.9)", None)])
+    adam_state = state_bytes(opts[("torch Adam", None)])
+    rows = []
+    for (label, K), ms in med.items():
+        opt = opts[(label, K)]
+        if K is None:
+            what = f"{name} ({n_params / 1e6:.2f} M params, {len(space.groups)} GeZIGs)"
+        else:
+            red = sum(space.groups[g].numel for g in opt.redundant)
+            what = f"  K={K}: {red / n_params:.0%} of the params redundant"
+        base_state = adam_state if "dam" in label else sgd_state
+        rows.append([what, label, f"{ms:.2f}", f"{ms / sgd:.2f}x", f"{ms / adam:.2f}x",
+                     f"{state_bytes(opt) / 2**20:.1f}", f"{state_bytes(opt) - base_state:+d}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=224, help="resnet50 input side (3 x size x size)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per optimizer per round")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = bench("resnet50", torchvision.models.resnet50(), torch.randn(args.batch, 3, args.size, args.size), [5, 10],
+                 args.rounds, args.steps)
+    rows += bench("DemoSupNet", DemoSupNet(), torch.randn(args.batch, 1, 28, 28), [3], args.rounds * 3, args.steps * 3)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, resnet50 at 3x{args.size}x{args.size}; "
+          f"median over {args.rounds} rounds of {args.steps} steps (DemoSupNet: 3x as many)")
+    print(tabulate(rows, headers=["model", "optimizer", "step ms", "vs SGD", "vs Adam", "state MiB",
+                                  "extra state bytes vs SGD/Adam"], disable_numparse=True))
+
+
+if __name__ == "__main__":
+    main()
