@@ -8,6 +8,7 @@ from fxoto.errors import (
     NonFiniteGradientError,
     UntraceableModelError,
 )
+from fxoto.optimizer import H2SPG, half_space_project, redundancy_score
 from fxoto.roles import DEFAULT_TABLE, Channel, Joint, OpRule, OpTable, Role, Zero
 from fxoto.search import Search, build_space, search
 from fxoto.space import GeZIG, Member, SearchSpace
@@ -15,7 +16,7 @@ from fxoto.space import GeZIG, Member, SearchSpace
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TABLE", "Channel", "FxotoError", "GeZIG", "InvalidRemovalError", "Joint",
+    "DEFAULT_TABLE", "Channel", "FxotoError", "GeZIG", "H2SPG", "half_space_project", "redundancy_score", "InvalidRemovalError", "Joint",
     "KTooLargeError", "Member", "NoSearchSpaceError", "NonFiniteGradientError", "OpRule",
     "OpTable", "Role", "Search", "SearchSpace", "UntraceableModelError", "Zero",
     "build_space", "search",
