@@ -37,7 +37,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fxoto.errors import KTooLargeError, NonFiniteGradientError
-from fxoto.search import resolve_k
 from fxoto.space import SearchSpace
 
 __all__ = ["H2SPG", "ScoreFn", "dhspg_lambda", "half_space_project", "redundancy_score", "select_redundant"]
@@ -243,6 +242,8 @@ class H2SPG(Optimizer):
                         weight_decay=weight_decay)
         super().__init__(space.model.parameters() if params is None else params, defaults)
 
+        from fxoto.search import resolve_k  # here, not at the top: Search.optimizer builds H2SPGs
+
         self.space = space
         self.variant = variant
         self.K = resolve_k(K, space)
@@ -258,7 +259,9 @@ class H2SPG(Optimizer):
 
         n = len(space.groups)
         if self.K > n:
-            raise KTooLargeError(f"K={K} asks for {self.K} zero groups but {type(space.model).__name__} has only {n} GeZIGs")
+            raise KTooLargeError(
+                f"K={K} asks for {self.K} zero groups but {type(space.model).__name__} has only {n} GeZIGs"
+            )
         largest = space.greedy_max_removal()
         if self.K > len(largest):
             raise KTooLargeError(
@@ -373,7 +376,7 @@ class H2SPG(Optimizer):
             by_device.setdefault(g.device, []).append(p)
         for params in by_device.values():
             norms = torch._foreach_norm([p.grad for p in params])  # one pass over the gradients
-            suspects = (~torch.stack([n.float() for n in norms]).isfinite()).nonzero().flatten().tolist()
+            suspects = (~torch.stack(norms).isfinite()).nonzero().flatten().tolist()
             for i in suspects:  # a norm can overflow where every entry is finite: look closer
                 if not bool(params[i].grad.isfinite().all()):
                     raise NonFiniteGradientError(
