@@ -17,7 +17,6 @@ them (``F.conv2d(x, self.weight)`` is one stem), buffers are constants.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -298,7 +297,3 @@ def cut_segments(gm: fx.GraphModule) -> list[Segment]:
         for n in chain:
             n.meta[SEGMENT] = i
     return segments
-
-
-def iter_data_nodes(gm: fx.GraphModule) -> Iterator[fx.Node]:
-    return (n for n in gm.graph.nodes if is_data(n))

@@ -283,6 +283,22 @@ class SearchSpace:
 
         return construct_subnet(self, ids)
 
+    def sample_removal(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
+        """A random valid removal of up to ``fraction`` of the groups (at least one).
+
+        Groups are tried in a seeded random order and kept while the removal
+        stays valid: handy for benchmarks and for exploring a search space.
+        """
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(seed)).tolist()
+        limit = max(1, int(fraction * len(order)))
+        chosen: list[int] = []
+        for i in order:
+            if len(chosen) >= limit:
+                break
+            if self.is_valid_removal(chosen + [i]):
+                chosen.append(i)
+        return chosen
+
     def greedy_max_removal(self) -> list[int]:
         """A large valid removal found greedily (a lower bound on the largest one)."""
         best: list[int] = []

@@ -56,19 +56,6 @@ def test_search_space_of_torchvision_model(case):
     assert not not_zero, f"{case.name}: groups not zero-invariant: {not_zero[:3]}"
 
 
-def random_valid_removal(space, seed):
-    """Groups in a seeded random order, each kept while the removal stays valid, up to half."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(space.groups), generator=g).tolist()
-    chosen = []
-    for i in order:
-        if len(chosen) >= max(1, len(order) // 2):
-            break
-        if space.is_valid_removal(chosen + [i]):
-            chosen.append(i)
-    return chosen
-
-
 def test_subnet_of_torchvision_model_is_exact(case):
     case.reset()
     space = fxoto.build_space(case.model, (case.x,))
@@ -78,7 +65,7 @@ def test_subnet_of_torchvision_model_is_exact(case):
     n_super = sum(p.numel() for p in case.model.parameters())
     for seed in range(3):
         case.reset()
-        ids = random_valid_removal(space, seed)
+        ids = space.sample_removal(0.5, seed)
         space.zero_(ids)
         with torch.no_grad():
             expected = case.model(case.x)

@@ -32,17 +32,6 @@ MODELS = {
 }
 
 
-def half_removal(space, seed=0):
-    order = torch.randperm(len(space.groups), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = []
-    for i in order:
-        if len(chosen) >= len(order) // 2:
-            break
-        if space.is_valid_removal(chosen + [i]):
-            chosen.append(i)
-    return chosen
-
-
 @torch.no_grad()
 def latency(model, x, repeats):
     model(x)
@@ -66,7 +55,7 @@ def main():
         model = make().eval()
         x1 = torch.randn(1, *shape)
         space = fxoto.build_space(model, (x1,))
-        ids = half_removal(space)
+        ids = space.sample_removal(0.5)
         space.zero_(ids)
         t = time.perf_counter()
         sub = space.construct_subnet()
