@@ -122,7 +122,10 @@ def fit(
     progress: bool = True,
     stream=None,
 ) -> History:
-    """Train ``model`` with ``optimizer`` (an H2SPG) for ``epochs`` epochs.
+    """Train ``model`` with ``optimizer`` for ``epochs`` epochs.
+
+    An H2SPG's ``metrics()`` (zero groups ...) join the progress bar and the
+    history; any other ``torch.optim`` optimizer trains a baseline the same way.
 
     With ``checkpoint_dir``, ``last.pt`` is written after every epoch, and on
     Ctrl-C before the ``KeyboardInterrupt`` goes on; ``resume`` continues from
@@ -148,7 +151,7 @@ def fit(
                 loss = loss_fn(out, y)
                 loss.backward()
                 optimizer.step()
-                metrics = optimizer.metrics()
+                metrics = optimizer.metrics() if hasattr(optimizer, "metrics") else {}
                 history.steps.append({"loss": loss.item(), **metrics})
                 seen += len(x)
                 loss_sum += loss.item() * len(x)
@@ -158,7 +161,8 @@ def fit(
                     fields = {"loss": f"{loss_sum / seen:.4f}"}
                     if correct is not None:
                         fields["acc"] = f"{100 * correct / seen:.1f}%"
-                    fields["zero"] = f"{metrics['zero_groups']}/{metrics['groups']}"
+                    if metrics:
+                        fields["zero"] = f"{metrics['zero_groups']}/{metrics['groups']}"
                     fields["lr"] = f"{optimizer.param_groups[0]['lr']:.3g}"
                     bar.update(i + 1, **fields)
             if scheduler is not None:
@@ -166,7 +170,7 @@ def fit(
             val_loss, val_acc = evaluate(model, val_loader, loss_fn) if val_loader is not None else (None, None)
             history.epochs.append(EpochRecord(
                 epoch + 1, loss_sum / max(seen, 1), None if correct is None else correct / max(seen, 1),
-                val_loss, val_acc, optimizer.metrics()["zero_groups"], optimizer.param_groups[0]["lr"],
+                val_loss, val_acc, metrics.get("zero_groups", 0), optimizer.param_groups[0]["lr"],
             ))
             if ckpt is not None:
                 save_checkpoint(ckpt, model, optimizer, epoch + 1, history, train_loader)
