@@ -44,24 +44,30 @@ def resolve_k(K: int | float, space: SearchSpace) -> int:
     return K
 
 
+def target_k(K: int | float, space: SearchSpace) -> int:
+    """K as a count, refused with ``KTooLargeError`` when no valid removal is that large."""
+    k = resolve_k(K, space)
+    n = len(space.groups)
+    name = type(space.model).__name__
+    if k > n:
+        raise KTooLargeError(f"K={K} asks for {k} zero groups but {name} has only {n} GeZIGs")
+    largest = space.greedy_max_removal()
+    if k > len(largest):
+        raise KTooLargeError(
+            f"K={k} is larger than any valid removal fxoto found in {name}: at most {len(largest)} of its "
+            f"{n} GeZIGs can be erased together while the output stays fed from the input (erasing more "
+            f"would leave a joint with no input). Choose K <= {len(largest)}."
+        )
+    return k
+
+
 class Search:
     """A super-network with its search space and target group sparsity K."""
 
     def __init__(self, model: nn.Module, K: int | float, space: SearchSpace):
         self.model = model
         self.space = space
-        self.K = resolve_k(K, space)
-        n = len(space.groups)
-        if self.K > n:
-            raise KTooLargeError(f"K={K} asks for {self.K} zero groups but {type(model).__name__} has only {n} GeZIGs")
-        largest = space.greedy_max_removal()
-        if self.K > len(largest):
-            raise KTooLargeError(
-                f"K={self.K} is larger than any valid removal fxoto found: at most {len(largest)} of the "
-                f"{n} GeZIGs can be erased together while the output stays fed from the input "
-                f"(erasing more would leave a joint with no input). Choose K <= {len(largest)}."
-            )
-
+        self.K = target_k(K, space)
         self.opt = None
         self.history = None
 
