@@ -8,9 +8,10 @@
    input features (conv / linear weight columns, following flattens) and the
    per-channel variables and statistics on the way (batch norm);
 3. a joint left with one input becomes that input, vertices that no longer
-   reach the output go (dead-code elimination), in-place ops become
-   out-of-place (an ``add`` that vanished must not let a later in-place op
-   mutate a tensor that others read), then ``lint()`` and ``recompile()``.
+   reach the output go (dead-code elimination), in-place ops whose input
+   others also read become out-of-place (an ``add`` that vanished must not
+   let a later in-place op mutate a tensor that others read), then ``lint()``
+   and ``recompile()``.
 
 The result owns fresh, smaller parameters; the super-network is not touched.
 """
@@ -101,41 +102,85 @@ def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> Non
     module.num_features = len(keep)
 
 
-def _rewire_joint(graph: fx.Graph, node: fx.Node, erased: set[str]) -> None:
-    """Drop erased operands of a joint; a joint left with one input becomes that input."""
+def _rewire_joint(graph: fx.Graph, node: fx.Node, erased: set[str]) -> list[fx.Node]:
+    """Drop erased operands of a joint; a joint left with one input becomes that input.
+
+    Returns the nodes that now read that input instead of the joint's fresh tensor.
+    """
     rule = node.meta[RULE]
     inputs = node.args[0] if rule.joint is Joint.CAT else data_inputs(node)
     kept = [n for n in inputs if n.name not in erased]
     if not kept:
-        return  # every input erased: validity guarantees nothing live reads it; DCE drops it
-    if rule.joint is Joint.CAT:
-        if len(kept) == 1:
-            node.replace_all_uses_with(kept[0])
-        else:
-            node.args = (kept,) + tuple(node.args[1:])
-        return
+        return []  # every input erased: validity guarantees nothing live reads it; DCE drops it
     if len(kept) == 1:
+        readers = list(node.users)
         node.replace_all_uses_with(kept[0])
-        return
+        return readers
+    if rule.joint is Joint.CAT:
+        node.args = (kept,) + tuple(node.args[1:])
+        return []
     with graph.inserting_after(node):
         total = kept[0]
         for operand in kept[1:]:
             total = graph.call_function(operator.add, (total, operand))
     node.replace_all_uses_with(total)
+    return []
 
 
-def _out_of_place(gm: fx.GraphModule) -> None:
-    """In-place ops become their out-of-place twins (same values, no aliasing)."""
-    for node in gm.graph.nodes:
+def _in_place(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target is operator.iadd or node.kwargs.get("inplace") is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+_VIEWS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand", "narrow",
+          "chunk", "split", "contiguous", "view_as", "t"}
+
+
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _may_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """The node's value may share memory with another tensor (a view, an item of a
+    split, or a module that returns its input as it is, like dropout in eval mode)."""
+    if node.op == "call_method":
+        return node.target in _VIEWS
+    if node.op == "call_function":
+        return node.target is operator.getitem or getattr(node.target, "__name__", "") in _VIEWS
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ALIASING_MODULES)
+
+
+def _out_of_place(gm: fx.GraphModule, readers: list[fx.Node]) -> None:
+    """In-place readers of a vanished joint become out-of-place where that matters.
+
+    A joint that vanished hands its input straight to its readers: an in-place
+    ReLU there, harmless on the joint's fresh tensor, would now mutate a tensor
+    that others may still read.  Every other in-place op is left as the
+    super-network has it (same values, no extra memory traffic).
+    """
+    alive = set(gm.graph.nodes)
+    for node in readers:
+        if node not in alive or not _in_place(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if len(source.users) == 1 and source.op != "placeholder" and not _may_alias(source, gm):
+            continue
         if node.op == "call_function" and node.target is operator.iadd:
             node.target = operator.add
-        elif node.op == "call_method" and node.target in ("add_", "mul_", "relu_"):
-            node.target = node.target[:-1]
-        if node.kwargs.get("inplace"):
+        elif node.op == "call_function":
             node.kwargs = {**node.kwargs, "inplace": False}
-    for module in gm.modules():
-        if getattr(module, "inplace", False) is True:
+        elif node.op == "call_method":
+            node.target = node.target[:-1]
+        else:
+            module = copy.deepcopy(gm.get_submodule(node.target))
             module.inplace = False
+            name = f"{node.target.replace('.', '_')}_out_of_place"
+            gm.add_submodule(name, module)
+            node.target = name
 
 
 def construct_subnet(space, ids=None) -> fx.GraphModule:
@@ -157,17 +202,18 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     for name, drop in per_channel.items():
         if name not in erased:
             _slice_per_channel(sub, nodes[name], drop)
+    readers: list[fx.Node] = []
     for node in list(sub.graph.nodes):
         rule = node.meta.get(RULE)
         if rule is not None and rule.joint is not None and node.name not in erased:
             if any(n.name in erased for n in data_inputs(node)):
-                _rewire_joint(sub.graph, node, erased)
+                readers += _rewire_joint(sub.graph, node, erased)
     for name in reversed(list(nodes)):  # users before producers
         node = nodes[name]
         if name in erased and node.op != "placeholder" and not node.users:
             sub.graph.erase_node(node)
     sub.graph.eliminate_dead_code()
-    _out_of_place(sub)
+    _out_of_place(sub, readers)
     sub.delete_all_unused_submodules()
     sub.graph.lint()
     sub.recompile()

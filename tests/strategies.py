@@ -23,7 +23,10 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+ACTIVATIONS = {
+    "none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+    "relu_inplace": lambda: nn.ReLU(inplace=True),  # ResNet's habit: the rewrite must keep it safe
+}
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,36 @@ def test_all_inputs_of_a_dead_add_erased():
     space.zero_(ids)
     with torch.no_grad():
         assert torch.allclose(space.construct_subnet()(x), model(x), atol=1e-6)
+
+
+class SharedTrunk(torch.nn.Module):
+    """``relu_(a + b)`` is safe on the sum's fresh tensor; once ``b`` is erased it would
+    mutate ``a``, which the second branch still reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(2, 3, 1)
+        self.b = torch.nn.Conv2d(3, 3, 1)
+        self.c = torch.nn.Conv2d(3, 3, 1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        a = self.stem(x)
+        s = self.relu(a + self.b(a))
+        t = s + self.c(a)
+        return self.head(t.mean((2, 3)))
+
+
+def test_in_place_op_after_a_vanished_add_does_not_mutate_shared_input():
+    model = randomize_(SharedTrunk()).eval()
+    x = torch.randn(2, 2, 4, 4)
+    space = fxoto.build_space(model, (x,))
+    b = next(g.id for g in space.groups if g.nodes == ("b",))
+    space.zero_([b])
+    with torch.no_grad():
+        expected = model(x)
+        sub = space.construct_subnet()
+        assert torch.allclose(sub(x), expected, atol=1e-6)
+    # The one in-place op whose input became shared is now out-of-place; no other changed.
+    assert not sub.get_submodule("relu_out_of_place").inplace
