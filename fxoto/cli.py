@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="search, train and shrink the paper's DemoSupNet on embedded digits")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 6, or 1 with --quick)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 5, or 1 with --quick)")
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by the tests)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)

@@ -106,7 +106,7 @@ def run_demo(out: Path, epochs: int | None = None, quick: bool = False, seed: in
         train = torch.utils.data.Subset(train, range(256))
     else:
         model = DemoSupNet()
-    epochs = epochs or (1 if quick else 6)
+    epochs = epochs or (1 if quick else 5)
     return run(model, example_input("demosupnet"), train, val, K=3, epochs=epochs, batch_size=64,
                lr=None, variant="sgd", out=out, seed=seed, progress=not quick)
 
