@@ -15,14 +15,23 @@ in three phases:
   its end every redundant group is exactly zero (the rest are forced);
 * ``"pruned"``: plain training goes on with the redundant groups pinned at zero.
 
+The hybrid phase "gradually reduce[s] the magnitudes" of the redundant groups
+(paper, section 3.2): lambda_g is DHSPG's (``dhspg_lambda``) or, when larger, a
+floor that rises as the phase runs out (``lambda_floor``), so that each group
+shrinks steadily to zero by the end of the phase and the half-space projection
+(``epsilon`` 0.5 by default) sets it exactly to zero; the final forced
+projection is left as a safety net and reported in ``forced``.
+
 The step works tensor by tensor on the parameters, like torch.optim's own
-single-tensor paths (on the CPU these beat its foreach paths).  Per-group
-quantities (norms, inner products, lambda) come from a few scalars per member,
-gathered with one device sync per pass; the only state beyond SGD's or Adam's is
-O(number of GeZIGs).  Cost of a hybrid step beyond a plain one: the finiteness
-check reads every gradient once, and each redundant group not yet zero reads its
-variables and direction for ||x||^2 and x.d (||d||^2 too where x.d < 0) and
-scales its variables once.
+single-tensor paths (on the CPU these beat its foreach paths): a parameter's
+state and step, then a redundant group's, follow each other while its tensors
+are still in the CPU's cache.  Per-group quantities (norms, inner products,
+lambda) come from a few scalars per member, gathered with one device sync per
+redundant group; the only state beyond SGD's or Adam's is O(number of GeZIGs).
+Cost of a hybrid step beyond a plain one: the finiteness check reads every
+gradient once, and each redundant group not yet zero reads its variables and
+direction for ||x||^2 and x.d (||d||^2 too where x.d < 0); a member that is a
+whole parameter then takes its scaled step in one pass (``_scale_add_``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,9 @@ from torch.optim import Optimizer
 from fxoto.errors import KTooLargeError, NonFiniteGradientError
 from fxoto.space import SearchSpace
 
-__all__ = ["H2SPG", "ScoreFn", "dhspg_lambda", "half_space_project", "redundancy_score", "select_redundant"]
+__all__ = [
+    "H2SPG", "ScoreFn", "dhspg_lambda", "half_space_project", "lambda_floor", "redundancy_score", "select_redundant",
+]
 
 ScoreFn = Callable[[list[list[Tensor]], list[list[Tensor]]], Tensor]
 """``score_fn(params, grads)``: ``params[g]`` and ``grads[g]`` are GeZIG g's member tensors
@@ -128,6 +139,23 @@ def dhspg_lambda(x_norm: float, x_dot_d: float, d_sq: float, lambda0: float, amp
     return (lb + ub) / 2.0 if lam >= ub else lam
 
 
+def lambda_floor(x_norm: float, lr: float, steps_left: int) -> float:
+    """The least lambda_g of a redundant group in the hybrid phase: 2 ||x_g|| / (lr * steps_left).
+
+    DHSPG's lambda_g (``dhspg_lambda``) keeps d + lambda_g x/||x|| a descent direction of f, so
+    a group that f wants nonzero only shrinks until the two pulls balance, short of zero.
+    DHSPG has no deadline; H2SPG must have every redundant group at zero when its
+    ``pruning_steps`` end (DESIGN 5).  Left to the final projection, that is a jump in the loss
+    as large as the groups still are.  With this floor the group-lasso term alone scales x_g by
+    1 - 2/s when s steps of the phase are left (``steps_left``, this one included), so lambda_g
+    rises as the phase runs out and ||x_g|| decays like (s / pruning_steps)^2: to 1% of its
+    size with a tenth of the phase left, while the rest of the network adapts.  The step
+    carries x_g to, then past, zero in the last two steps, where the half-space projection
+    (line 15) catches it.  ``lr`` is the group's learning rate; with none, no floor.
+    """
+    return 2.0 * x_norm / (lr * steps_left) if lr > 0.0 else 0.0
+
+
 @torch.no_grad()
 def half_space_project(group: Sequence[Tensor], new_dot_old: float, old_sq: float, epsilon: float) -> bool:
     """Algorithm 3, line 15: the half-space projection of one group's trial iterate.
@@ -173,6 +201,24 @@ class _Direction(NamedTuple):
     lr: float
 
 
+def _plain_step(p: Tensor, d: _Direction) -> None:
+    """x <- x - step * num / den."""
+    if d.den is None:
+        p.add_(d.num, alpha=-d.step)
+    else:
+        p.addcdiv_(d.num, d.den, value=-d.step)
+
+
+def _scale_add_(x: Tensor, a: float, v: Tensor, alpha: float) -> None:
+    """x <- a x + alpha v in place.  For contiguous tensors, one pass over memory: BLAS gemv
+    with v as an n-by-1 matrix, where ``x.mul_(a).add_(v, alpha=alpha)`` reads and writes x twice."""
+    if x.is_contiguous() and v.is_contiguous():
+        x.view(-1).addmv_(v.view(-1, 1), v.new_ones(1), beta=a, alpha=alpha)
+    else:
+        x.mul_(a).add_(v, alpha=alpha)
+
+
+
 class H2SPG(Optimizer):
     """Hierarchical Half-Space Projected Gradient (paper, Algorithm 3) over a ``SearchSpace``.
 
@@ -188,9 +234,15 @@ class H2SPG(Optimizer):
         warmup_steps: T_w, steps before the redundant groups are selected.
         pruning_steps: length of the hybrid phase; at its end every redundant group is zero.
         omega: momentum of the redundancy scores' moving average (line 7).
-        epsilon: half-space projection threshold in [0, 1) (line 15).
+        epsilon: half-space projection threshold in [0, 1) (line 15): a group goes to zero
+            once its trial step would remove more than 1 - epsilon of its component along x_g.
+            Default 0.5: with the floor of lambda_g each group crosses zero in the last steps of
+            the phase, where f's pull on a group that small can outweigh the crossing; 0 (the
+            OTO code's default, for DHSPG without a deadline) then left most groups to the
+            forced projection in fxoto's tests, 0.5 none.
         lambda0, lambda_amplify, hat_lambda_coef: DHSPG's lambda rule (``dhspg_lambda``);
-            defaults 1e-3, 2, 10 for sgd and 1e-2, 20, 1e3 for adam/adamw.
+            defaults 1e-3, 2, 10 for sgd and 1e-2, 20, 1e3 for adam/adamw.  Over the hybrid
+            phase lambda_g is at least ``lambda_floor``, which rises as the phase runs out.
         score_fn: redundancy score (``ScoreFn``); default ``redundancy_score``.
 
     Attributes ``redundant`` (the selected GeZIG ids, empty during warm-up), ``scores``,
@@ -216,7 +268,7 @@ class H2SPG(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         omega: float = 0.9,
-        epsilon: float = 0.0,
+        epsilon: float = 0.5,
         lambda0: float | None = None,
         lambda_amplify: float | None = None,
         hat_lambda_coef: float | None = None,
@@ -433,22 +485,24 @@ class H2SPG(Optimizer):
 
     def _update(self, work: list[tuple[Tensor, Tensor, dict]], hot: list[int]) -> None:
         """Plain steps for everything (lines 5, 12), except that the redundant groups in ``hot``
-        step on f + lambda_g ||x_g|| and are then half-space projected (lines 13-16)."""
-        directions: dict[int, _Direction] = {}
-        trial: list[tuple[int, float, float]] = []
-        if hot:
-            hot_params = {id(part.param) for g in hot for part in self._parts[g]}
-            for p, grad, group in work:
-                if id(p) in hot_params:
-                    directions[id(p)] = self._direction(p, grad, group, materialize=True)
-            trial = self._group_lasso(hot, directions)
+        step on f + lambda_g ||x_g|| and are then half-space projected (lines 13-16).
+
+        One parameter, then one hot group, at a time: each one's state and step follow each
+        other while its tensors are still in the CPU's cache."""
+        hot_params = {id(part.param) for g in hot for part in self._parts[g]}
+        pending: dict[int, tuple[Tensor, Tensor, dict]] = {}
         for p, grad, group in work:
-            d = directions.get(id(p)) or self._direction(p, grad, group)
-            if d.den is None:
-                p.add_(d.num, alpha=-d.step)
+            if id(p) in hot_params:
+                pending[id(p)] = (p, grad, group)
             else:
-                p.addcdiv_(d.num, d.den, value=-d.step)
-        for g, new_dot_old, old_sq in trial:
+                _plain_step(p, self._direction(p, grad, group))
+        directions: dict[int, _Direction] = {}
+        sliced: set[int] = set()
+        self._lambdas = {}
+        trial = [self._group_lasso(g, pending, directions, sliced) for g in hot]
+        for key in sliced:  # after every slice of the parameter was scaled
+            _plain_step(pending[key][0], directions[key])
+        for g, (new_dot_old, old_sq) in zip(hot, trial):
             group = [part.of(part.param) for part in self._parts[g]]
             if old_sq == 0.0:  # already at zero, where the group-lasso subgradient step keeps it
                 for t in group:
@@ -504,52 +558,67 @@ class H2SPG(Optimizer):
             return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr)
         return _Direction(exp_avg, denom, step_size, lr)
 
-    def _group_lasso(self, hot: list[int], directions: dict[int, _Direction]) -> list[tuple[int, float, float]]:
-        """Lines 13-14 for the groups in ``hot``.
+    def _group_lasso(self, g: int, pending: dict[int, tuple[Tensor, Tensor, dict]], directions: dict[int, _Direction],
+                     sliced: set[int]) -> tuple[float, float]:
+        """Lines 12-14 for hot group g.  ``pending`` holds the (p, gradient, param group) of the
+        hot groups' parameters; their directions go to ``directions``, once each.
 
-        From per-member inner products: lambda_g (``dhspg_lambda``), then each member is scaled
-        by a = 1 - lr lambda_g / ||x_g||, so that the plain step that follows completes the
-        subgradient step x~ = x - lr (d + lambda_g x / ||x_g||).  Returns (g, x~_g . x_g,
-        ||x_g||^2) for the projection.  ||d_g||^2 is read only where lambda_g needs it (x.d < 0).
+        From the members' inner products: lambda_g, the larger of DHSPG's (``dhspg_lambda``) and
+        the floor of the hybrid phase (``lambda_floor``); then the subgradient step
+        x~ = x - lr (d + lambda_g x / ||x_g||) = a x - lr d with a = 1 - lr lambda_g / ||x_g||:
+        in one pass for a member that is a whole parameter (``_scale_add_``), else by scaling the
+        member by a; its parameter, added to ``sliced``, takes the plain step after that.
+        Returns x~_g . x_g and ||x_g||^2 for the projection.
         """
-        members = []  # (group, part, x, v, lr, scale): the direction d of the paper is scale * v
-        for g in hot:
-            for part in self._parts[g]:
-                x = _flat(part.of(part.param))
-                d = directions.get(id(part.param))
-                if d is None:  # no gradient: f does not move it, the lasso term still does
-                    lr = next(gr["lr"] for gr in self.param_groups if any(q is part.param for q in gr["params"]))
-                    members.append((g, part, x, None, lr, 1.0))
-                    continue
-                members.append((g, part, x, _flat(part.of(d.num)), d.lr, d.step / d.lr if d.lr else 1.0))
-        zero = members[0][2].new_zeros(())
-        firsts = torch.stack([torch.stack([torch.dot(x, x), zero if v is None else torch.dot(x, v)])
-                              for _, _, x, v, _, _ in members]).double().tolist()
-        sums = {g: [0.0, 0.0, 0.0] for g in hot}  # ||x_g||^2, x_g . d_g, ||d_g||^2
-        for (g, _, _, _, _, scale), (xx, xv) in zip(members, firsts):
-            sums[g][0] += xx
-            sums[g][1] += xv * scale
-        need = [i for i, (g, _, _, v, _, _) in enumerate(members) if v is not None and sums[g][1] < 0.0]
-        if need:
-            seconds = torch.stack([torch.dot(members[i][3], members[i][3]) for i in need]).double().tolist()
-            for i, vv in zip(need, seconds):
-                g, scale = members[i][0], members[i][5]
-                sums[g][2] += vv * scale * scale
+        rows = []  # (part, direction, lr, step, num): the direction d of the paper is (step / lr) * num
+        dots = []  # per member ||x||^2 and x.num
+        for part in self._parts[g]:
+            key = id(part.param)
+            if key in pending and key not in directions:
+                p, grad, group = pending[key]
+                directions[key] = self._direction(p, grad, group, materialize=True)
+            d = directions.get(key)
+            x = _flat(part.of(part.param))
+            dots.append(torch.dot(x, x))
+            if d is None:  # no gradient: f does not move it, the lasso term still does
+                lr = next(gr["lr"] for gr in self.param_groups if any(q is part.param for q in gr["params"]))
+                rows.append((part, None, lr, 0.0, None))
+                dots.append(dots[-1].new_zeros(()))
+            else:
+                v = _flat(part.of(d.num))
+                rows.append((part, d, d.lr, d.step, v))
+                dots.append(torch.dot(x, v))
+        values = torch.stack(dots).double().view(-1, 2).tolist()  # one device sync
 
-        self._lambdas = {}
-        per_norm: dict[int, float] = {}
-        for g, (xx, xd, dd) in sums.items():
-            if xx > 0.0:
-                norm = math.sqrt(xx)
-                self._lambdas[g] = dhspg_lambda(norm, xd, dd, self.lambda0, self.lambda_amplify, self.hat_lambda_coef)
-                per_norm[g] = self._lambdas[g] / norm
-        new_dot_old = {g: 0.0 for g in hot}
-        for (g, part, _, _, lr, scale), (xx, xv) in zip(members, firsts):
-            if g in per_norm:
-                a = 1.0 - lr * per_norm[g]
-                part.of(part.param).mul_(a)
-                new_dot_old[g] += a * xx - lr * scale * xv
-        return [(g, new_dot_old[g], sums[g][0]) for g in hot]
+        xx = xd = dd = lr_g = 0.0
+        for (_, _, lr, step, _), (x_sq, x_num) in zip(rows, values):
+            xx += x_sq
+            xd += x_num * step / lr if lr else x_num
+            lr_g = max(lr_g, lr)
+        if xd < 0.0:  # lambda_g's upper bound needs ||d_g||^2
+            vs = [(v, step / lr if lr else 1.0) for _, _, lr, step, v in rows if v is not None]
+            for (_, scale), num_sq in zip(vs, torch.stack([torch.dot(v, v) for v, _ in vs]).double().tolist()):
+                dd += num_sq * scale * scale
+        per_norm = 0.0
+        if xx > 0.0:
+            norm = math.sqrt(xx)
+            steps_left = self.warmup_steps + self.pruning_steps - self._step
+            lam = max(dhspg_lambda(norm, xd, dd, self.lambda0, self.lambda_amplify, self.hat_lambda_coef),
+                      lambda_floor(norm, lr_g, steps_left))
+            self._lambdas[g] = lam
+            per_norm = lam / norm
+        new_dot_old = 0.0
+        for (part, d, lr, step, _), (x_sq, x_num) in zip(rows, values):
+            a = 1.0 - lr * per_norm
+            if d is not None and d.den is None and part.dim is None:
+                _scale_add_(part.param, a, d.num, -step)
+            else:
+                if a != 1.0:
+                    part.of(part.param).mul_(a)
+                if d is not None:
+                    sliced.add(id(part.param))
+            new_dot_old += a * x_sq - step * x_num
+        return new_dot_old, xx
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -15,12 +15,12 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
-from fxoto.optimizer import H2SPG, dhspg_lambda, half_space_project, redundancy_score, select_redundant
+from fxoto.optimizer import H2SPG, dhspg_lambda, half_space_project, lambda_floor, redundancy_score, select_redundant
 from fxoto.zoo import DemoSupNet
 from strategies import supernets
 
@@ -102,6 +102,18 @@ def test_half_space_project():
     assert all(bool(t.all()) for t in group)
     assert half_space_project(group, new_dot_old=2.0, old_sq=5.0, epsilon=0.5)
     assert all(not t.any() for t in group)
+
+
+def test_lambda_floor_reaches_zero_as_the_phase_ends():
+    # The group-lasso term alone, lambda_g at the floor: ||x_g|| decays like (steps left / T)^2,
+    # reaches zero with two steps left and would cross it on the last.
+    lr, steps, norm = 0.1, 100, 3.0
+    for left in range(steps, 2, -1):
+        norm *= 1 - lr * lambda_floor(norm, lr, left) / norm
+        if left == steps // 10 + 1:
+            assert norm == pytest.approx(3.0 * (steps // 10) * (steps // 10 - 1) / (steps * (steps - 1)))
+    assert 1 - lr * lambda_floor(norm, lr, 2) / norm == 0.0 and 1 - lr * lambda_floor(norm, lr, 1) / norm == -1.0
+    assert lambda_floor(norm, 0.0, 5) == 0.0
 
 
 # -- selection and the hierarchy (Algorithm 3, line 8; paper, Figure 2) ------------------------
@@ -197,10 +209,13 @@ def test_random_supernets_end_to_end(net, data):
             opt.step()
     except fxoto.KTooLargeError:
         return
+    except fxoto.NonFiniteGradientError:
+        assume(False)  # plain SGD diverges on some random nets at this learning rate: nothing to check
     note(f"redundant: {opt.redundant}, forced: {opt.forced}")
     assert space.zero_groups() == sorted(opt.redundant) and len(opt.redundant) == K
     with torch.no_grad():
         expected = model(x)
+        assume(bool(expected.isfinite().all()))
         assert torch.allclose(space.construct_subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
 
 
@@ -216,6 +231,28 @@ def test_half_space_projection_zeroes_groups_before_the_end():
         if len(space.zero_groups()) == 3:
             break
     assert opt.phase == "hybrid" and opt.forced == [] and space.zero_groups() == sorted(opt.redundant)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_demosupnet_groups_shrink_gradually(seed):
+    # The hybrid phase carries the redundant groups to zero itself: the half-space projection
+    # zeroes them, not the final forced one, and the loss does not jump when the phase ends.
+    model, space = demo(seed)
+    warmup, pruning = 10, 30
+    opt = H2SPG(space, 3, 0.05, warmup_steps=warmup, pruning_steps=pruning)
+    data = batches(4, seed=seed)
+    x_all, y_all = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    losses = []
+    for step in range(warmup + pruning):
+        x, y = data[step % len(data)]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            losses.append(float(F.cross_entropy(model(x_all), y_all)))
+    assert opt.phase == "pruned" and space.zero_groups() == sorted(opt.redundant)
+    assert len(opt.forced) <= 1, f"forced to zero: {opt.forced} of {opt.redundant}"
+    assert losses[-1] < 2 * losses[-2], f"loss before and after the end of the hybrid phase: {losses[-2:]}"
 
 
 # -- a synthetic task with a known answer ------------------------------------------------------
@@ -251,32 +288,38 @@ def known_answer(seed: int, n: int = 6, k: int = 4, samples: int = 256):
 
 
 def fit(model, opt, x, y, steps):
+    """The loss after each step."""
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = (model(x) - y).square().mean()
-        loss.backward()
+        (model(x) - y).square().mean().backward()
         opt.step()
-    with torch.no_grad():
-        return float((model(x) - y).square().mean())
+        with torch.no_grad():
+            losses.append(float((model(x) - y).square().mean()))
+    return losses
 
 
 def test_known_answer_useless_branches_are_removed():
-    hits, ratios = 0, []
+    hits, ratios, forced, jumps = 0, [], 0, []
     for seed in range(10):
         x, y, useless = known_answer(seed)
         torch.manual_seed(seed)
         model = Branches()
         space = fxoto.build_space(model, (x[:2],))
         opt = H2SPG(space, 3, 0.05, warmup_steps=30, pruning_steps=100)
-        loss = fit(model, opt, x, y, 300)
+        losses = fit(model, opt, x, y, 300)
         assert len(space.zero_groups()) == 3
         hits += space.zero_groups() == useless
+        forced += len(opt.forced)
+        jumps.append(losses[129] / losses[128])  # the last step of the hybrid phase
 
         torch.manual_seed(seed)
         plain = Branches()
-        ratios.append(loss / fit(plain, torch.optim.SGD(plain.parameters(), 0.05, momentum=0.9), x, y, 300))
+        ratios.append(losses[-1] / fit(plain, torch.optim.SGD(plain.parameters(), 0.05, momentum=0.9), x, y, 300)[-1])
     assert hits >= 9, f"useless branches found in only {hits} of 10 runs"
     assert max(ratios) < 1.15, f"loss against plain training: {ratios}"
+    assert forced < 15, f"{forced} of the 30 redundant groups were zeroed by the forced projection"
+    assert max(jumps) < 1.5, f"loss after over before the last hybrid step: {jumps}"
 
 
 # -- a torch.optim citizen ---------------------------------------------------------------------

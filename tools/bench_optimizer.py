@@ -3,12 +3,15 @@
 Gradients are computed once per model; then only ``opt.step()`` is timed, repeatedly, on
 those same gradients (with subnormal floats flushed to zero, see ``main``).  The optimizers
 take turns round by round, so that load from other processes falls on all of them alike;
-the table gives medians.  H2SPG is timed in its hybrid phase with no redundant group zero
-yet (the costly case: every redundant group takes the group-lasso step), and in the pruned
-phase (redundant groups pinned at zero, their parameters skipped).  "state" counts the
-bytes of the optimizer's tensors: per-parameter state plus H2SPG's per-group scores.
+the table gives medians.  ``--clock cpu`` times with the process's CPU time instead of the
+wall clock: on a shared machine, time spent waiting for a core then does not count (memory
+bandwidth taken by others still does).  H2SPG is timed in its hybrid phase with no redundant
+group zero yet (the costly case: every redundant group takes the group-lasso step), and in
+the pruned phase (redundant groups pinned at zero, their parameters skipped).  "state"
+counts the bytes of the optimizer's tensors: per-parameter state plus H2SPG's per-group
+scores.
 
-    PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--size 224] [--threads 2]
+    PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--size 224] [--threads 2] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def hybrid(space: fxoto.SearchSpace, K: int, variant: str, pruned: bool) -> H2SP
     return opt
 
 
-def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rounds: int, steps: int) -> list[list]:
+def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rounds: int, steps: int,
+          clock=time.perf_counter) -> list[list]:
     space = fxoto.build_space(model, (x,))
     model.train()
     labels = torch.randint(0, model(x[:1]).shape[1], (x.shape[0],), generator=torch.Generator().manual_seed(0))
@@ -75,9 +79,9 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rou
     for _ in range(rounds):
         for key, opt in opts.items():
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 opt.step()
-                times[key].append(time.perf_counter() - t0)
+                times[key].append(clock() - t0)
         restore()
     for (label, _), opt in opts.items():
         if isinstance(opt, H2SPG) and "hybrid" in label:
@@ -108,7 +112,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per optimizer per round")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall clock, or the process's CPU time (steadier on a loaded machine)")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     # Stepping many times on one gradient drives Adam's second moments of near-zero gradients
     # into subnormal floats, whose arithmetic is slow on x86: an artefact of the method.
@@ -116,11 +123,12 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = bench("resnet50", torchvision.models.resnet50(), torch.randn(args.batch, 3, args.size, args.size), [5, 10],
-                 args.rounds, args.steps)
-    rows += bench("DemoSupNet", DemoSupNet(), torch.randn(args.batch, 1, 28, 28), [3], args.rounds * 3, args.steps * 3)
+                 args.rounds, args.steps, clock)
+    rows += bench("DemoSupNet", DemoSupNet(), torch.randn(args.batch, 1, 28, 28), [3], args.rounds * 3, args.steps * 3,
+                  clock)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"{args.threads} threads, batch {args.batch}, resnet50 at 3x{args.size}x{args.size}; "
-          f"median over {args.rounds} rounds of {args.steps} steps (DemoSupNet: 3x as many)")
+          f"{args.clock} clock, median over {args.rounds} rounds of {args.steps} steps (DemoSupNet: 3x as many)")
     print(tabulate(rows, headers=["model", "optimizer", "step ms", "vs SGD", "vs Adam", "state MiB",
                                   "extra state bytes vs SGD/Adam"], disable_numparse=True))
 
