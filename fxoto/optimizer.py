@@ -294,11 +294,11 @@ class H2SPG(Optimizer):
                         weight_decay=weight_decay)
         super().__init__(space.model.parameters() if params is None else params, defaults)
 
-        from fxoto.search import resolve_k  # here, not at the top: Search.optimizer builds H2SPGs
+        from fxoto.search import target_k  # here, not at the top: Search.optimizer builds H2SPGs
 
         self.space = space
         self.variant = variant
-        self.K = resolve_k(K, space)
+        self.K = target_k(K, space)  # the one K check, shared with fxoto.search
         self.warmup_steps = warmup_steps
         self.pruning_steps = pruning_steps
         self.omega = omega
@@ -308,19 +308,6 @@ class H2SPG(Optimizer):
         self.lambda_amplify = amp if lambda_amplify is None else lambda_amplify
         self.hat_lambda_coef = hat if hat_lambda_coef is None else hat_lambda_coef
         self.score_fn = redundancy_score if score_fn is None else score_fn
-
-        n = len(space.groups)
-        if self.K > n:
-            raise KTooLargeError(
-                f"K={K} asks for {self.K} zero groups but {type(space.model).__name__} has only {n} GeZIGs"
-            )
-        largest = space.greedy_max_removal()
-        if self.K > len(largest):
-            raise KTooLargeError(
-                f"K={self.K} is larger than any valid removal fxoto found in {type(space.model).__name__}: at most "
-                f"{len(largest)} of its {n} GeZIGs can be erased together while the output stays fed from the "
-                f"input. Choose K <= {len(largest)}."
-            )
 
         named = dict(space.gm.named_parameters(remove_duplicate=False))
         self._names = {id(p): name for name, p in named.items()}
@@ -336,7 +323,7 @@ class H2SPG(Optimizer):
                     raise ValueError(f"parameter '{m.param}' of GeZIG g{g.id} is not among the optimizer's params")
 
         self._step = 0  # steps taken: t in Algorithm 3
-        self._scores = torch.zeros(n, dtype=torch.float64)  # s_g, line 7
+        self._scores = torch.zeros(len(space.groups), dtype=torch.float64)  # s_g, line 7
         self._redundant: list[int] | None = None  # G_r, None until selected (line 8)
         self._zero: set[int] = set()  # redundant groups projected to zero and pinned there
         self._forced: list[int] = []
