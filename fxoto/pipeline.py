@@ -8,6 +8,7 @@ Outputs in ``out``: ``subnet/`` (``GraphModule.to_folder``), ``subnet.pt``
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def run(
     subnet = search.subnet()
     report = search_report(search, example, val_loader)
     viz.render(viz.to_dot(search.space, erased=report.erased), out / "graph_after")
-    subnet.to_folder(out / "subnet", "SubNet")
+    with warnings.catch_warnings():
+        # to_folder pickles modules whose repr it cannot rebuild (ReLU ...): expected, not news.
+        warnings.filterwarnings("ignore", message="Was not able to save the following children modules")
+        subnet.to_folder(out / "subnet", "SubNet")
     torch.save(subnet, out / "subnet.pt")
     (out / "report.md").write_text(report.markdown())
     (out / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
