@@ -45,7 +45,7 @@ def _outputs(model, loader_or_input):
     return outs, (correct / total if total else None)
 
 
-def search_report(search, example_inputs=None, val_loader=None, loss_fn=None) -> Report:
+def search_report(search, example_inputs=None, val_loader=None) -> Report:
     """Compare the trained super-network with its sub-network (eval mode)."""
     model, space = search.model, search.space
     sub = space.construct_subnet()

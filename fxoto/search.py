@@ -105,11 +105,11 @@ class Search:
         """The sub-network: a ``torch.fx.GraphModule`` with every zero GeZIG erased."""
         return self.space.construct_subnet()
 
-    def report(self, example_inputs=None, val_loader=None, loss_fn=None) -> str:
+    def report(self, example_inputs=None, val_loader=None) -> str:
         """A table: groups erased, parameters, MACs, accuracy and the largest output difference."""
         from fxoto.report import search_report
 
-        return search_report(self, example_inputs, val_loader, loss_fn).table
+        return search_report(self, example_inputs, val_loader).table
 
     def __repr__(self) -> str:
         return f"Search(K={self.K}, {self.space!r})"

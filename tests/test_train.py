@@ -51,3 +51,13 @@ def test_resume_after_epoch_one_gives_the_same_parameters(tmp_path):
     s.fit(loader, nn.CrossEntropyLoss(), 2, resume=tmp_path / "last.pt", progress=False)
     resumed = model.state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_report_after_fit_shows_both_networks():
+    model, s, loader, val = setup()
+    s.fit(loader, nn.CrossEntropyLoss(), 2, progress=False)
+    table = s.report(val_loader=DataLoader(val, batch_size=64))
+    lines = table.splitlines()
+    assert lines[2].startswith("super-network") and lines[3].startswith("sub-network")
+    assert lines[3].split()[5] == "3"  # GeZIGs erased
+    assert float(table.rsplit(":", 1)[1]) < 1e-5  # equal up to float rounding (DESIGN 6)
