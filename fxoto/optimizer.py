@@ -106,12 +106,7 @@ def select_redundant(space: SearchSpace, scores: Tensor, K: int) -> list[int]:
     set stays a valid removal, until K are accepted.  Returns their ids in that order.
     """
     order = sorted(range(len(space.groups)), key=lambda g: (-float(scores[g]), g))
-    chosen: list[int] = []
-    for g in order:
-        if len(chosen) == K:
-            break
-        if space.is_valid_removal(chosen + [g]):
-            chosen.append(g)
+    chosen = space.greedy_removal(order, K)
     if len(chosen) < K:
         raise KTooLargeError(
             f"H2SPG needs K={K} redundant GeZIGs but, walking the {len(order)} GeZIGs of "

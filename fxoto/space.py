@@ -283,34 +283,33 @@ class SearchSpace:
 
         return construct_subnet(self, ids)
 
-    def sample_removal(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
-        """A random valid removal of up to ``fraction`` of the groups (at least one).
+    def greedy_removal(self, order: Iterable[int], limit: int | None = None) -> list[int]:
+        """Walk ``order``, keeping each group while the removal stays valid, up to ``limit``.
 
-        Groups are tried in a seeded random order and kept while the removal
-        stays valid: handy for benchmarks and for exploring a search space.
+        The one greedy walk behind H2SPG's selection (most redundant first),
+        ``sample_removal`` and ``greedy_max_removal``.
         """
-        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(seed)).tolist()
-        limit = max(1, int(fraction * len(order)))
         chosen: list[int] = []
         for i in order:
-            if len(chosen) >= limit:
+            if limit is not None and len(chosen) >= limit:
                 break
             if self.is_valid_removal(chosen + [i]):
                 chosen.append(i)
         return chosen
 
+    def sample_removal(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
+        """A random valid removal of up to ``fraction`` of the groups (at least one).
+
+        Groups are tried in a seeded random order: handy for benchmarks and for
+        exploring a search space.
+        """
+        order = torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(seed)).tolist()
+        return self.greedy_removal(order, max(1, int(fraction * len(order))))
+
     def greedy_max_removal(self) -> list[int]:
         """A large valid removal found greedily (a lower bound on the largest one)."""
-        best: list[int] = []
-        orders = [range(len(self.groups)), reversed(range(len(self.groups)))]
-        for order in orders:
-            chosen: list[int] = []
-            for i in order:
-                if self.is_valid_removal(chosen + [i]):
-                    chosen.append(i)
-            if len(chosen) > len(best):
-                best = chosen
-        return sorted(best)
+        n = len(self.groups)
+        return sorted(max((self.greedy_removal(order) for order in (range(n), reversed(range(n)))), key=len))
 
     def __repr__(self) -> str:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"

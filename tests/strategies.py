@@ -201,11 +201,4 @@ def supernets(draw, dtype=torch.float32, **kw):
 def valid_removals(draw, space) -> list[int]:
     """A random valid removal: groups tried in a random order, kept while valid."""
     order = draw(st.permutations(range(len(space.groups))))
-    limit = draw(st.integers(0, len(space.groups)))
-    chosen: list[int] = []
-    for i in order:
-        if len(chosen) >= limit:
-            break
-        if space.is_valid_removal(chosen + [i]):
-            chosen.append(i)
-    return chosen
+    return space.greedy_removal(order, draw(st.integers(0, len(space.groups))))
