@@ -9,6 +9,7 @@ import torch
 from tabulate import tabulate
 
 from fxoto.metrics import compare
+from fxoto.train import count_correct
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,14 @@ def _outputs(model, loader_or_input):
     model.eval()
     if isinstance(loader_or_input, torch.Tensor):
         return [model(loader_or_input)], None
-    outs, correct, total = [], 0, 0
+    outs, correct, total = [], 0.0, 0
     for x, y in loader_or_input:
         out = model(x)
         outs.append(out)
-        if out.dim() == 2 and y.dim() == 1:
-            correct += (out.argmax(1) == y).sum().item()
-            total += len(y)
-    return outs, (correct / total if total else None)
+        hits = count_correct(out, y)
+        correct = None if hits is None or correct is None else correct + hits
+        total += len(y)
+    return outs, (None if correct is None or not total else correct / total)
 
 
 def search_report(search, example_inputs=None, val_loader=None) -> Report:

@@ -57,7 +57,8 @@ class History:
     steps: list[dict] = field(default_factory=list)  # optimizer metrics, every step
 
 
-def _accuracy(output: torch.Tensor, target: torch.Tensor) -> float | None:
+def count_correct(output: torch.Tensor, target: torch.Tensor) -> float | None:
+    """Correct top-1 predictions in a batch; None when the batch is not classification."""
     if output.dim() != 2 or target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
         return None
     return (output.argmax(1) == target).float().sum().item()
@@ -72,7 +73,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable) -> tuple[flo
     for x, y in loader:
         out = model(x)
         loss_sum += loss_fn(out, y).item() * len(x)
-        acc = _accuracy(out, y)
+        acc = count_correct(out, y)
         correct = None if acc is None or correct is None else correct + acc
         total += len(x)
     model.train(was_training)
@@ -155,7 +156,7 @@ def fit(
                 history.steps.append({"loss": loss.item(), **metrics})
                 seen += len(x)
                 loss_sum += loss.item() * len(x)
-                acc = _accuracy(out.detach(), y)
+                acc = count_correct(out.detach(), y)
                 correct = None if acc is None or correct is None else correct + acc
                 if bar is not None:
                     fields = {"loss": f"{loss_sum / seen:.4f}"}
