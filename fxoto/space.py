@@ -205,6 +205,7 @@ class SearchSpace:
             for i in seg.inputs:
                 self._users[i].append(seg.id)
         self._output = next(s.id for s in segments if s.kind == "output")
+        self._largest: list[int] | None = None
 
     # -- validity (DESIGN section 4) -------------------------------------------------
     def is_valid_removal(self, ids: Iterable[int]) -> bool:
@@ -307,9 +308,16 @@ class SearchSpace:
         return self.greedy_removal(order, max(1, int(fraction * len(order))))
 
     def greedy_max_removal(self) -> list[int]:
-        """A large valid removal found greedily (a lower bound on the largest one)."""
-        n = len(self.groups)
-        return sorted(max((self.greedy_removal(order) for order in (range(n), reversed(range(n)))), key=len))
+        """A large valid removal found greedily (a lower bound on the largest one).
+
+        Computed once: the groups and the graph never change (``fxoto.search``
+        and H2SPG both check K against it; on DARTS one walk takes a second).
+        """
+        if self._largest is None:
+            n = len(self.groups)
+            orders = (range(n), reversed(range(n)))
+            self._largest = sorted(max((self.greedy_removal(order) for order in orders), key=len))
+        return list(self._largest)
 
     def __repr__(self) -> str:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
