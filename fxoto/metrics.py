@@ -98,7 +98,11 @@ def compare(
 
 
 def report_table(rows: list[dict[str, Any]]) -> str:
-    """``compare``'s rows as a text table: counts in millions, ratios in percent."""
+    """``compare``'s rows as a text table: counts in millions, ratios in percent.
+
+    Rows that carry an ``"accuracy (%)"`` (the search report's) get that column too.
+    """
+    accuracy = all("accuracy (%)" in row for row in rows)
     table = []
     for row in rows:
         table.append([
@@ -109,5 +113,8 @@ def report_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * row['MACs ratio']:.1f}",
             row["groups erased"],
         ])
+        if accuracy:
+            table[-1].append("-" if row["accuracy (%)"] is None else f"{row['accuracy (%)']:.2f}")
     headers = ["network", "params (M)", "MACs (M)", "params (%)", "MACs (%)", "GeZIGs erased"]
-    return tabulate(table, headers=headers, disable_numparse=True, colalign=("left",) + ("right",) * 5)
+    headers += ["accuracy (%)"] if accuracy else []
+    return tabulate(table, headers=headers, disable_numparse=True, colalign=("left",) + ("right",) * (len(headers) - 1))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from fxoto.metrics import compare
+from fxoto.metrics import compare, report_table
 from fxoto.train import count_correct
 
 
@@ -62,11 +62,5 @@ def search_report(search, example_inputs=None, val_loader=None) -> Report:
     diff = max((a - b).abs().max().item() for a, b in zip(super_out, sub_out))
     for row, acc in zip(rows, (super_acc, sub_acc)):
         row["accuracy (%)"] = None if acc is None else round(100 * acc, 2)
-    table = tabulate(
-        [[r["network"], f"{r['parameters'] / 1e6:.3f}", f"{r['MACs'] / 1e6:.1f}", f"{100 * r['parameters ratio']:.1f}",
-          f"{100 * r['MACs ratio']:.1f}", r["groups erased"], "-" if r["accuracy (%)"] is None else f"{r['accuracy (%)']:.2f}"]
-         for r in rows],
-        headers=["network", "params (M)", "MACs (M)", "params (%)", "MACs (%)", "GeZIGs erased", "accuracy (%)"],
-        disable_numparse=True,
-    ) + f"\nmax |super - sub| output difference: {diff:.3g}"
+    table = report_table(rows) + f"\nmax |super - sub| output difference: {diff:.3g}"
     return Report(rows, erased, diff, table)
