@@ -194,6 +194,7 @@ class _Direction(NamedTuple):
     den: Tensor | None
     step: float
     lr: float
+    probe: Tensor  # the first tensor to take the gradient (it, or the state it entered): checked for inf/NaN
 
 
 def _plain_step(p: Tensor, d: _Direction) -> None:
@@ -323,6 +324,7 @@ class H2SPG(Optimizer):
         self._zero: set[int] = set()  # redundant groups projected to zero and pinned there
         self._forced: list[int] = []
         self._lambdas: dict[int, float] = {}
+        self._stats: dict[int, tuple[float, float, float, float]] = {}  # hot g: ||x||^2, x.d, ||d||^2, lr of its last pass
         self._pinned_plan: tuple[set[int], list[_Part]] | None = None
 
     # -- what a user reads ----------------------------------------------------------------
@@ -386,14 +388,20 @@ class H2SPG(Optimizer):
         skip, _ = self._pinned()
         work = [(p, p.grad, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and id(p) not in skip]
-        self._check_finite(work)
+        if any(grad.is_sparse for _, grad, _ in work):
+            raise RuntimeError("H2SPG does not support sparse gradients")
 
+        scores = None
         if self._redundant is None:
-            self._accumulate_scores()
+            scores = self._redundancy_scores(work)
             if self.warmup_steps == 0:
+                self._accumulate(scores)
+                scores = None
                 self._select()
         hot = [g for g in self._redundant or () if g not in self._zero]
         self._update(work, hot)
+        if scores is not None:
+            self._accumulate(scores)
         self._step += 1
         if self._redundant is None and self._step >= self.warmup_steps:
             self._select()
@@ -401,32 +409,48 @@ class H2SPG(Optimizer):
             self._force()
         return loss
 
-    def _check_finite(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
-        """Raise, naming the parameter, before anything changes if a gradient holds inf or NaN."""
-        if any(g.is_sparse for _, g, _ in work):
-            raise RuntimeError("H2SPG does not support sparse gradients")
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for p, g, _ in work:
-            by_device.setdefault(g.device, []).append(p)
-        for params in by_device.values():
-            norms = torch._foreach_norm([p.grad for p in params])  # one pass over the gradients
-            suspects = (~torch.stack(norms).isfinite()).nonzero().flatten().tolist()
-            for i in suspects:  # a norm can overflow where every entry is finite: look closer
-                if not bool(params[i].grad.isfinite().all()):
-                    raise NonFiniteGradientError(
-                        f"the gradient of parameter '{self._names.get(id(params[i]), '?')}' holds inf or NaN at "
-                        f"step {self._step} ({self.phase} phase); nothing was updated. Lower the learning rate, "
-                        f"check the loss for overflow, or train with torch.amp.GradScaler, which skips such steps."
-                    )
+    def _check_finite(self, p: Tensor, grad: Tensor, probe: Tensor | None, stepped: int,
+                      sq: Tensor | None = None) -> None:
+        """Raise, naming the parameter, if its gradient holds inf or NaN.
 
-    def _accumulate_scores(self) -> None:
-        """Algorithm 3, lines 6-7: s_g <- omega s_g + (1 - omega) s_{t,g} on x_t and its gradient."""
+        Called as the gradient enters the parameter's optimizer state and before the
+        parameter moves, while the tensors are in the CPU's cache: ``probe`` is the state
+        tensor that took the gradient (the gradient itself where there is none) and ``sq``,
+        when given, an inner product already computed from it; inf or NaN in the gradient
+        makes either non-finite.  ``stepped`` counts the parameters already updated this step.
+        """
+        if sq is None:
+            flat = _flat(probe)
+            sq = torch.dot(flat, flat)
+        if math.isfinite(float(sq)) or bool(grad.isfinite().all()):
+            return  # finite gradient: the product overflowed, or the state did (the step shows it)
+        name = self._names.get(id(p), "?")
+        state = "" if probe is grad else f", and the optimizer state of '{name}' has taken the gradient"
+        if stepped == 0:
+            done = f"no parameter has moved{state}"
+        else:
+            done = (f"'{name}' and the parameters after it have not moved, but the {stepped} before it in the "
+                    f"optimizer's order had already taken this step{state}: restore the last checkpoint to go on")
+        raise NonFiniteGradientError(
+            f"the gradient of parameter '{name}' holds inf or NaN at step {self._step} ({self.phase} phase); "
+            f"{done}. Lower the learning rate, check the loss for overflow, or train with torch.amp.GradScaler, "
+            f"which skips such steps."
+        )
+
+    def _redundancy_scores(self, work: list[tuple[Tensor, Tensor, dict]]) -> Tensor:
+        """Algorithm 3, line 6: s_{t,g} on x_t and its gradient, before the step moves x_t."""
         params = [[part.of(part.param) for part in parts] for parts in self._parts]
         grads = [[part.of(part.param.grad) if part.param.grad is not None else torch.zeros_like(part.of(part.param))
                   for part in parts] for parts in self._parts]
         s = torch.as_tensor(self.score_fn(params, grads)).detach().to("cpu", torch.float64).reshape(-1)
         if s.numel() != len(self._parts) or not bool(s.isfinite().all()):
+            for p, grad, _ in work:  # a non-finite gradient is the likely cause
+                self._check_finite(p, grad, grad, 0)
             raise ValueError(f"score_fn must return {len(self._parts)} finite scores, one per GeZIG; got {s.tolist()}")
+        return s
+
+    def _accumulate(self, s: Tensor) -> None:
+        """Algorithm 3, line 7: s_g <- omega s_g + (1 - omega) s_{t,g}."""
         self._scores.mul_(self.omega).add_(s, alpha=1.0 - self.omega)
 
     def _select(self) -> None:
@@ -456,6 +480,7 @@ class H2SPG(Optimizer):
                 if isinstance(value, Tensor) and value.shape == part.param.shape:
                     part.of(value).zero_()
         self._zero.add(g)
+        self._stats.pop(g, None)
         self._pinned_plan = None
 
     def _pinned(self) -> tuple[set[int], list[_Part]]:
@@ -469,34 +494,123 @@ class H2SPG(Optimizer):
         """Plain steps for everything (lines 5, 12), except that the redundant groups in ``hot``
         step on f + lambda_g ||x_g|| and are then half-space projected (lines 13-16).
 
-        One parameter, then one hot group, at a time: each one's state and step follow each
-        other while its tensors are still in the CPU's cache."""
-        hot_params = {id(part.param) for g in hot for part in self._parts[g]}
-        pending: dict[int, tuple[Tensor, Tensor, dict]] = {}
-        for p, grad, group in work:
-            if id(p) in hot_params:
-                pending[id(p)] = (p, grad, group)
-            else:
-                _plain_step(p, self._direction(p, grad, group))
-        directions: dict[int, _Direction] = {}
-        sliced: set[int] = set()
+        One pass, parameter by parameter: its gradient is checked, its state advanced and,
+        for a hot group's member, the inner products gathered and the group-lasso step taken,
+        each following the other while the tensors are still in the CPU's cache.  The step
+        x~ = x - lr (d + lambda_g x / ||x_g||) = a_g x - lr d needs lambda_g before the group's
+        first member moves, so lambda_g and the norm it divides by are those of the group's
+        previous pass (``_scale``): one step of lag.  The projection test uses this step's
+        own inner products, gathered before each member moved."""
+        members: dict[int, list[tuple[int, _Part]]] = {}
+        for g in hot:
+            for part in self._parts[g]:
+                members.setdefault(id(part.param), []).append((g, part))
         self._lambdas = {}
-        trial = [self._group_lasso(g, pending, directions, sliced) for g in hot]
-        for key in sliced:  # after every slice of the parameter was scaled
-            _plain_step(pending[key][0], directions[key])
-        for g, (new_dot_old, old_sq) in zip(hot, trial):
-            group = [part.of(part.param) for part in self._parts[g]]
-            if old_sq == 0.0:  # already at zero, where the group-lasso subgradient step keeps it
-                for t in group:
-                    t.zero_()
-                self._pin(g)
-            elif half_space_project(group, new_dot_old, old_sq, self.epsilon):
-                self._pin(g)
+        per_norm = {g: self._scale(g) for g in hot}
+        # ||d||^2 only serves lambda's upper bound, needed where x.d < 0: expected where it was last pass
+        want_dd = {g for g in hot if self._stats[g][1] < 0.0}
+        gathered: list[tuple[int, _Part, float, float, float, list[Tensor]]] = []  # g, part, a, step, lr, dots
+        stepped = 0
+        for p, grad, group in work:
+            parts = members.pop(id(p), None)
+            if parts is None:
+                d = self._direction(p, grad, group)
+                self._check_finite(p, grad, d.probe, stepped)
+                _plain_step(p, d)
+                stepped += 1
+                continue
+            d = self._direction(p, grad, group, materialize=True)
+            whole = parts[0][1].dim is None
+            if not whole:
+                self._check_finite(p, grad, d.probe, stepped)
+            scales = []
+            for g, part in parts:
+                x, v = _flat(part.of(p)), _flat(part.of(d.num))
+                scales.append(1.0 - d.lr * per_norm[g])
+                dots = [torch.dot(x, x), torch.dot(x, v)]
+                if g in want_dd:
+                    dots.append(torch.dot(v, v))
+                gathered.append((g, part, scales[-1], d.step, d.lr, dots))
+            if whole:  # checked through x.d; then x <- a x - step num, in one pass
+                self._check_finite(p, grad, d.probe, stepped, sq=dots[1])
+                _scale_add_(p, scales[0], d.num, -d.step)
+            else:  # slices: scale each, then the parameter's plain step
+                for (_, part), a in zip(parts, scales):
+                    if a != 1.0:
+                        part.of(p).mul_(a)
+                _plain_step(p, d)
+            stepped += 1
+        for parts in members.values():  # no gradient: f does not move them, the lasso term still does
+            for g, part in parts:
+                lr = self._lr_of(part.param)
+                x = _flat(part.of(part.param))
+                a = 1.0 - lr * per_norm[g]
+                gathered.append((g, part, a, 0.0, lr, [torch.dot(x, x)]))
+                part.of(part.param).mul_(a)
+        self._project(hot, gathered, want_dd)
         for part in self._pinned()[1]:
             part.of(part.param).zero_()
             for value in self.state.get(part.param, {}).values():
                 if isinstance(value, Tensor) and value.shape == part.param.shape:
                     part.of(value).zero_()
+
+    def _lr_of(self, p: Tensor) -> float:
+        return next(group["lr"] for group in self.param_groups if any(q is p for q in group["params"]))
+
+    def _scale(self, g: int) -> float:
+        """lambda_g / ||x_g|| for hot group g's step (line 13), from its previous pass: the larger
+        of DHSPG's lambda (``dhspg_lambda``) and the floor of the hybrid phase (``lambda_floor``).
+
+        ``_stats[g]`` holds ||x_g||^2, x_g.d_g, ||d_g||^2 (None where not gathered) and the
+        group's learning rate, from its previous pass.  On its first hybrid step a group has
+        none: its lambda is then DHSPG's for x.d >= 0 (lambda0) or the floor, with ||x_g||
+        measured now.  ||d_g||^2 only serves DHSPG's upper bound on lambda, needed where
+        x.d < 0; it is gathered where x.d was negative the pass before, so for one step after
+        x.d turns negative the bound is not applied."""
+        if g not in self._stats:
+            xx = sum(float(torch.dot(x, x)) for x in (_flat(part.of(part.param)) for part in self._parts[g]))
+            self._stats[g] = (xx, 0.0, None, max(self._lr_of(part.param) for part in self._parts[g]))
+        xx, xd, dd, lr_g = self._stats[g]
+        if xx <= 0.0:
+            return 0.0
+        norm = math.sqrt(xx)
+        steps_left = self.warmup_steps + self.pruning_steps - self._step
+        lam = max(dhspg_lambda(norm, xd, math.inf if dd is None else dd, self.lambda0, self.lambda_amplify,
+                               self.hat_lambda_coef),
+                  lambda_floor(norm, lr_g, steps_left))
+        self._lambdas[g] = lam
+        return lam / norm
+
+    def _project(self, hot: list[int], gathered: list[tuple[int, _Part, float, float, float, list[Tensor]]],
+                 want_dd: set[int]) -> None:
+        """Line 15 for every hot group, from the inner products gathered in the pass (one device
+        sync): x~_g . x_g = sum over members of a ||x||^2 - step x.num.  Keeps each surviving
+        group's ||x_g||^2, x_g.d_g and ||d_g||^2 (if in ``want_dd``) for its next step (``_scale``)."""
+        flat = [t for *_, dots in gathered for t in dots]
+        values = iter(torch.stack(flat).double().tolist() if flat else [])
+        sums: dict[int, list] = {g: [0.0, 0.0, 0.0, 0.0, 0.0] for g in hot}  # ||x||^2, x.d, ||d||^2, x~.x, lr_g
+        for g, _, a, step, lr, dots in gathered:
+            s = sums[g]
+            scale = step / lr if lr else 1.0  # d = (step / lr) num
+            x_sq = next(values)
+            x_num = next(values) if len(dots) > 1 else 0.0  # a member without gradient has ||x||^2 only
+            if len(dots) > 2:
+                s[2] += next(values) * scale * scale
+            s[0] += x_sq
+            s[1] += x_num * scale
+            s[3] += a * x_sq - step * x_num
+            s[4] = max(s[4], lr)
+        for g in hot:
+            xx, xd, dd, new_dot_old, lr_g = sums[g]
+            group = [part.of(part.param) for part in self._parts[g]]
+            if xx == 0.0:  # already at zero, where the group-lasso subgradient step keeps it
+                for t in group:
+                    t.zero_()
+                self._pin(g)
+            elif half_space_project(group, new_dot_old, xx, self.epsilon):
+                self._pin(g)
+            else:
+                self._stats[g] = (xx, xd, dd if g in want_dd else None, lr_g)
 
     def _direction(self, p: Tensor, grad: Tensor, group: dict, materialize: bool = False) -> _Direction:
         """Advance p's state by its gradient and return its plain step x <- x - step * num / den:
@@ -516,7 +630,7 @@ class H2SPG(Optimizer):
                 else:
                     buf.mul_(momentum).add_(g, alpha=1.0 - group["dampening"])
                 g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-            return _Direction(g, None, lr, lr)
+            return _Direction(g, None, lr, lr, buf if momentum != 0 else grad)
 
         beta1, beta2 = group["betas"]
         if not state:
@@ -537,70 +651,8 @@ class H2SPG(Optimizer):
         denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(group["eps"])
         step_size = lr / (1.0 - beta1**step)
         if materialize:
-            return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr)
-        return _Direction(exp_avg, denom, step_size, lr)
-
-    def _group_lasso(self, g: int, pending: dict[int, tuple[Tensor, Tensor, dict]], directions: dict[int, _Direction],
-                     sliced: set[int]) -> tuple[float, float]:
-        """Lines 12-14 for hot group g.  ``pending`` holds the (p, gradient, param group) of the
-        hot groups' parameters; their directions go to ``directions``, once each.
-
-        From the members' inner products: lambda_g, the larger of DHSPG's (``dhspg_lambda``) and
-        the floor of the hybrid phase (``lambda_floor``); then the subgradient step
-        x~ = x - lr (d + lambda_g x / ||x_g||) = a x - lr d with a = 1 - lr lambda_g / ||x_g||:
-        in one pass for a member that is a whole parameter (``_scale_add_``), else by scaling the
-        member by a; its parameter, added to ``sliced``, takes the plain step after that.
-        Returns x~_g . x_g and ||x_g||^2 for the projection.
-        """
-        rows = []  # (part, direction, lr, step, num): the direction d of the paper is (step / lr) * num
-        dots = []  # per member ||x||^2 and x.num
-        for part in self._parts[g]:
-            key = id(part.param)
-            if key in pending and key not in directions:
-                p, grad, group = pending[key]
-                directions[key] = self._direction(p, grad, group, materialize=True)
-            d = directions.get(key)
-            x = _flat(part.of(part.param))
-            dots.append(torch.dot(x, x))
-            if d is None:  # no gradient: f does not move it, the lasso term still does
-                lr = next(gr["lr"] for gr in self.param_groups if any(q is part.param for q in gr["params"]))
-                rows.append((part, None, lr, 0.0, None))
-                dots.append(dots[-1].new_zeros(()))
-            else:
-                v = _flat(part.of(d.num))
-                rows.append((part, d, d.lr, d.step, v))
-                dots.append(torch.dot(x, v))
-        values = torch.stack(dots).double().view(-1, 2).tolist()  # one device sync
-
-        xx = xd = dd = lr_g = 0.0
-        for (_, _, lr, step, _), (x_sq, x_num) in zip(rows, values):
-            xx += x_sq
-            xd += x_num * step / lr if lr else x_num
-            lr_g = max(lr_g, lr)
-        if xd < 0.0:  # lambda_g's upper bound needs ||d_g||^2
-            vs = [(v, step / lr if lr else 1.0) for _, _, lr, step, v in rows if v is not None]
-            for (_, scale), num_sq in zip(vs, torch.stack([torch.dot(v, v) for v, _ in vs]).double().tolist()):
-                dd += num_sq * scale * scale
-        per_norm = 0.0
-        if xx > 0.0:
-            norm = math.sqrt(xx)
-            steps_left = self.warmup_steps + self.pruning_steps - self._step
-            lam = max(dhspg_lambda(norm, xd, dd, self.lambda0, self.lambda_amplify, self.hat_lambda_coef),
-                      lambda_floor(norm, lr_g, steps_left))
-            self._lambdas[g] = lam
-            per_norm = lam / norm
-        new_dot_old = 0.0
-        for (part, d, lr, step, _), (x_sq, x_num) in zip(rows, values):
-            a = 1.0 - lr * per_norm
-            if d is not None and d.den is None and part.dim is None:
-                _scale_add_(part.param, a, d.num, -step)
-            else:
-                if a != 1.0:
-                    part.of(part.param).mul_(a)
-                if d is not None:
-                    sliced.add(id(part.param))
-            new_dot_old += a * x_sq - step * x_num
-        return new_dot_old, xx
+            return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr, exp_avg)
+        return _Direction(exp_avg, denom, step_size, lr, exp_avg)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -623,6 +675,7 @@ class H2SPG(Optimizer):
             "redundant": None if self._redundant is None else list(self._redundant),
             "zero": sorted(self._zero),
             "forced": list(self._forced),
+            "stats": {g: list(s) for g, s in self._stats.items()},
         }
         return sd
 
@@ -646,5 +699,6 @@ class H2SPG(Optimizer):
         self._redundant = None if h["redundant"] is None else list(h["redundant"])
         self._zero = set(h["zero"])
         self._forced = list(h["forced"])
+        self._stats = {int(g): tuple(s) for g, s in h.get("stats", {}).items()}
         self._lambdas = {}
         self._pinned_plan = None

@@ -424,15 +424,53 @@ def test_k_too_large():
 
 
 def test_non_finite_gradient_names_the_parameter():
+    # Each gradient is checked as it enters its parameter's optimizer state, before the
+    # parameter moves: the error names it; it and every parameter after it have not moved.
     model, space = demo()
     opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1)
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()
+    names = [name for name, _ in model.named_parameters()]
     model.conv7.weight.grad[0, 0, 0, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv7\.weight'.*nothing was updated"):
+    at = names.index("conv7.weight")
+    with pytest.raises(fxoto.NonFiniteGradientError,
+                       match=rf"'conv7\.weight' holds inf or NaN at step 0 \(warmup phase\); 'conv7\.weight' and the "
+                             rf"parameters after it have not moved, but the {at} before it .* had already taken this "
+                             rf"step, and the optimizer state of 'conv7\.weight' has taken the gradient: restore"):
         opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+    after = list(model.parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(after[:at], before[:at]))
+    assert all(torch.equal(p, q) for p, q in zip(after[at:], before[at:]))
+    assert not any(p in opt.state for p in after[at + 1:]) and opt.metrics()["step"] == 0
+
+    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # the first parameter: none moves
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv1\.weight'.*; no parameter has moved, and the "
+                                                           r"optimizer state of 'conv1\.weight' has taken"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    plain = H2SPG(space, 3, 0.1, momentum=0.0, warmup_steps=1, pruning_steps=1)  # no state: nothing changes
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv1\.weight'.*; no parameter has moved\. Lower"):
+        plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not any(plain.state.values())
+
+
+def test_non_finite_gradient_in_a_redundant_group_during_the_hybrid_phase():
+    # A redundant group's member is checked through x.d, gathered before it moves.
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=5, score_fn=fixed_scores(0, 0, 1, 0, 2))
+    data = batches(2)
+    train(model, opt, data[:1])
+    assert opt.phase == "hybrid" and opt.redundant == [G8, G4, G2]
+    opt.zero_grad()
+    F.cross_entropy(model(data[1][0]), data[1][1]).backward()
+    model.conv8.weight.grad[-1].fill_(float("nan"))
+    weight = model.conv8.weight.detach().clone()
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv8\.weight'.*\(hybrid phase\); 'conv8\.weight' and"):
+        opt.step()
+    assert torch.equal(model.conv8.weight, weight) and opt.metrics()["step"] == 1
 
 
 def test_bad_score_fn_and_settings():
