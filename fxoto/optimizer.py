@@ -66,7 +66,7 @@ LAMBDA_DEFAULTS = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "adamw":
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    return t.reshape(-1)  # a view where the layout allows
 
 
 @torch.no_grad()
@@ -324,8 +324,10 @@ class H2SPG(Optimizer):
         self._zero: set[int] = set()  # redundant groups projected to zero and pinned there
         self._forced: list[int] = []
         self._lambdas: dict[int, float] = {}
-        self._stats: dict[int, tuple[float, float, float, float]] = {}  # hot g: ||x||^2, x.d, ||d||^2, lr of its last pass
+        self._stats: dict[int, tuple[float, float, float | None]] = {}  # hot g: ||x||^2, x.d, ||d||^2 of its last pass
         self._pinned_plan: tuple[set[int], list[_Part]] | None = None
+        self._group_of: tuple[list[dict], dict[int, dict]] | None = None
+        self._members_of: tuple[tuple[int, ...], dict[int, list[tuple[int, _Part]]]] | None = None
 
     # -- what a user reads ----------------------------------------------------------------
     @property
@@ -501,24 +503,23 @@ class H2SPG(Optimizer):
         first member moves, so lambda_g and the norm it divides by are those of the group's
         previous pass (``_scale``): one step of lag.  The projection test uses this step's
         own inner products, gathered before each member moved."""
-        members: dict[int, list[tuple[int, _Part]]] = {}
-        for g in hot:
-            for part in self._parts[g]:
-                members.setdefault(id(part.param), []).append((g, part))
+        members = self._members(hot)
         self._lambdas = {}
         per_norm = {g: self._scale(g) for g in hot}
         # ||d||^2 only serves lambda's upper bound, needed where x.d < 0: expected where it was last pass
         want_dd = {g for g in hot if self._stats[g][1] < 0.0}
         gathered: list[tuple[int, _Part, float, float, float, list[Tensor]]] = []  # g, part, a, step, lr, dots
         stepped = 0
+        moved = set()
         for p, grad, group in work:
-            parts = members.pop(id(p), None)
+            parts = members.get(id(p))
             if parts is None:
                 d = self._direction(p, grad, group)
                 self._check_finite(p, grad, d.probe, stepped)
                 _plain_step(p, d)
                 stepped += 1
                 continue
+            moved.add(id(p))
             d = self._direction(p, grad, group, materialize=True)
             whole = parts[0][1].dim is None
             if not whole:
@@ -540,7 +541,9 @@ class H2SPG(Optimizer):
                         part.of(p).mul_(a)
                 _plain_step(p, d)
             stepped += 1
-        for parts in members.values():  # no gradient: f does not move them, the lasso term still does
+        for key, parts in members.items():  # no gradient: f does not move them, the lasso term still does
+            if key in moved:
+                continue
             for g, part in parts:
                 lr = self._lr_of(part.param)
                 x = _flat(part.of(part.param))
@@ -554,23 +557,41 @@ class H2SPG(Optimizer):
                 if isinstance(value, Tensor) and value.shape == part.param.shape:
                     part.of(value).zero_()
 
+    def _members(self, hot: list[int]) -> dict[int, list[tuple[int, _Part]]]:
+        """The hot groups' members by parameter (id): kept while the hot set stays the same."""
+        key = tuple(hot)
+        if self._members_of is None or self._members_of[0] != key:
+            members: dict[int, list[tuple[int, _Part]]] = {}
+            for g in hot:
+                for part in self._parts[g]:
+                    members.setdefault(id(part.param), []).append((g, part))
+            self._members_of = (key, members)
+        return self._members_of[1]
+
     def _lr_of(self, p: Tensor) -> float:
-        return next(group["lr"] for group in self.param_groups if any(q is p for q in group["params"]))
+        """The learning rate of p's param group now (schedulers change it)."""
+        cached = self._group_of
+        if (cached is None or len(cached[0]) != len(self.param_groups)
+                or any(a is not b for a, b in zip(cached[0], self.param_groups))):  # add_param_group, load_state_dict
+            self._group_of = (list(self.param_groups),
+                              {id(q): group for group in self.param_groups for q in group["params"]})
+        return self._group_of[1][id(p)]["lr"]
 
     def _scale(self, g: int) -> float:
         """lambda_g / ||x_g|| for hot group g's step (line 13), from its previous pass: the larger
         of DHSPG's lambda (``dhspg_lambda``) and the floor of the hybrid phase (``lambda_floor``).
 
-        ``_stats[g]`` holds ||x_g||^2, x_g.d_g, ||d_g||^2 (None where not gathered) and the
-        group's learning rate, from its previous pass.  On its first hybrid step a group has
+        ``_stats[g]`` holds ||x_g||^2, x_g.d_g and ||d_g||^2 (None where not gathered) from the
+        group's previous pass; the floor takes the group's learning rate now.  On its first hybrid step a group has
         none: its lambda is then DHSPG's for x.d >= 0 (lambda0) or the floor, with ||x_g||
         measured now.  ||d_g||^2 only serves DHSPG's upper bound on lambda, needed where
         x.d < 0; it is gathered where x.d was negative the pass before, so for one step after
         x.d turns negative the bound is not applied."""
         if g not in self._stats:
             xx = sum(float(torch.dot(x, x)) for x in (_flat(part.of(part.param)) for part in self._parts[g]))
-            self._stats[g] = (xx, 0.0, None, max(self._lr_of(part.param) for part in self._parts[g]))
-        xx, xd, dd, lr_g = self._stats[g]
+            self._stats[g] = (xx, 0.0, None)
+        xx, xd, dd = self._stats[g]
+        lr_g = max(self._lr_of(part.param) for part in self._parts[g])
         if xx <= 0.0:
             return 0.0
         norm = math.sqrt(xx)
@@ -588,7 +609,7 @@ class H2SPG(Optimizer):
         group's ||x_g||^2, x_g.d_g and ||d_g||^2 (if in ``want_dd``) for its next step (``_scale``)."""
         flat = [t for *_, dots in gathered for t in dots]
         values = iter(torch.stack(flat).double().tolist() if flat else [])
-        sums: dict[int, list] = {g: [0.0, 0.0, 0.0, 0.0, 0.0] for g in hot}  # ||x||^2, x.d, ||d||^2, x~.x, lr_g
+        sums: dict[int, list] = {g: [0.0, 0.0, 0.0, 0.0] for g in hot}  # ||x||^2, x.d, ||d||^2, x~.x
         for g, _, a, step, lr, dots in gathered:
             s = sums[g]
             scale = step / lr if lr else 1.0  # d = (step / lr) num
@@ -599,10 +620,9 @@ class H2SPG(Optimizer):
             s[0] += x_sq
             s[1] += x_num * scale
             s[3] += a * x_sq - step * x_num
-            s[4] = max(s[4], lr)
         for g in hot:
-            xx, xd, dd, new_dot_old, lr_g = sums[g]
-            group = [part.of(part.param) for part in self._parts[g]]
+            xx, xd, dd, new_dot_old = sums[g]
+            group = (part.of(part.param) for part in self._parts[g])
             if xx == 0.0:  # already at zero, where the group-lasso subgradient step keeps it
                 for t in group:
                     t.zero_()
@@ -610,7 +630,7 @@ class H2SPG(Optimizer):
             elif half_space_project(group, new_dot_old, xx, self.epsilon):
                 self._pin(g)
             else:
-                self._stats[g] = (xx, xd, dd if g in want_dd else None, lr_g)
+                self._stats[g] = (xx, xd, dd if g in want_dd else None)
 
     def _direction(self, p: Tensor, grad: Tensor, group: dict, materialize: bool = False) -> _Direction:
         """Advance p's state by its gradient and return its plain step x <- x - step * num / den:
