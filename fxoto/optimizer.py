@@ -22,16 +22,16 @@ shrinks steadily to zero by the end of the phase and the half-space projection
 (``epsilon`` 0.5 by default) sets it exactly to zero; the final forced
 projection is left as a safety net and reported in ``forced``.
 
-The step works tensor by tensor on the parameters, like torch.optim's own
-single-tensor paths (on the CPU these beat its foreach paths): a parameter's
-state and step, then a redundant group's, follow each other while its tensors
-are still in the CPU's cache.  Per-group quantities (norms, inner products,
-lambda) come from a few scalars per member, gathered with one device sync per
-redundant group; the only state beyond SGD's or Adam's is O(number of GeZIGs).
-Cost of a hybrid step beyond a plain one: the finiteness check reads every
-gradient once, and each redundant group not yet zero reads its variables and
-direction for ||x||^2 and x.d (||d||^2 too where x.d < 0); a member that is a
-whole parameter then takes its scaled step in one pass (``_scale_add_``).
+The step is one pass over the parameters, tensor by tensor like torch.optim's
+own single-tensor paths (on the CPU these beat its foreach paths): a parameter's
+gradient enters its state, is checked for inf/NaN, and, for a member of a
+redundant group, the inner products ||x||^2, x.d (and ||d||^2 where x.d < 0) are
+gathered and the group-lasso step taken, all while its tensors are still in the
+CPU's cache.  That step needs lambda_g before the group's first member moves, so
+lambda_g comes from the group's previous pass (one step of lag, ``_scale``); the
+projection test uses this step's own products, gathered with one device sync for
+all groups.  The only state beyond SGD's or Adam's is O(number of GeZIGs): three
+floats per redundant group and one score per group.
 """
 
 from __future__ import annotations
@@ -243,8 +243,11 @@ class H2SPG(Optimizer):
 
     Attributes ``redundant`` (the selected GeZIG ids, empty during warm-up), ``scores``,
     ``phase``, ``forced`` (ids zeroed by the final forced projection) and ``metrics()``
-    report progress.  A gradient holding inf or NaN raises ``NonFiniteGradientError`` before
-    anything changes (a ``torch.amp.GradScaler`` skips such steps without calling ``step``).
+    report progress.  A gradient holding inf or NaN raises ``NonFiniteGradientError`` naming
+    the parameter, before that parameter moves; the parameters before it in this step have
+    taken the step and it may have entered the parameter's momentum or Adam state, so the way
+    on is the last checkpoint (a ``torch.amp.GradScaler`` skips such steps without calling
+    ``step``).
     """
 
     def __init__(
