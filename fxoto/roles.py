@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import stochastic_depth
 
+from fxoto.shapes import submodule
+
 
 class Role(enum.Enum):
     STEM = "stem"
@@ -272,11 +274,11 @@ class OpTable:
             {**self.methods, **(methods or {})},
         )
 
-    def rule(self, node: fx.Node, gm: fx.GraphModule) -> OpRule:
-        """The rule for one node; ``UNKNOWN`` when the table has none."""
+    def rule(self, node: fx.Node, root: nn.Module) -> OpRule:
+        """The rule for one node (``root`` owns the graph's targets); ``UNKNOWN`` when the table has none."""
         module = None
         if node.op == "call_module":
-            module = gm.get_submodule(node.target)
+            module = submodule(root, node.target)
             found = next((self.modules[t] for t in type(module).__mro__ if t in self.modules), None)
         elif node.op == "call_function":
             found = self.functions.get(node.target)

@@ -23,11 +23,11 @@ def build_space(
     op_table: OpTable = DEFAULT_TABLE,
 ) -> SearchSpace:
     """Trace, annotate, cut segments and form GeZIGs (Algorithm 2)."""
-    gm = trace(model, example_inputs, leaf_modules, concrete_args)
-    annotate_rules(gm, op_table)
-    segments = cut_segments(gm)
-    groups, excluded = find_gezigs(gm, segments)
-    return SearchSpace(model, gm, segments, groups, excluded)
+    graph = trace(model, example_inputs, leaf_modules, concrete_args)
+    annotate_rules(graph, model, op_table)
+    segments = cut_segments(graph)
+    groups, excluded = find_gezigs(graph, model, segments)
+    return SearchSpace(model, graph, segments, groups, excluded)
 
 
 def resolve_k(K: int | float, space: SearchSpace) -> int:

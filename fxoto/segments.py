@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxoto.roles import UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
-from fxoto.trace import SHAPE
+from fxoto.shapes import SHAPE, fetch_attr, submodule
 
 RULE = "fxoto.rule"
 LIVE = "fxoto.live"
@@ -41,9 +41,9 @@ def users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.meta.get(LIVE)]
 
 
-def mark_live(gm: fx.GraphModule) -> None:
+def mark_live(graph: fx.Graph) -> None:
     """``node.meta["fxoto.live"]``: the node's value can reach the graph output."""
-    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    stack = [n for n in graph.nodes if n.op == "output"]
     for n in stack:
         n.meta[LIVE] = True
     while stack:
@@ -61,33 +61,36 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
 PARAMS = "fxoto.params"
 
 
-def own_parameters(node: fx.Node, gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
+def own_parameters(node: fx.Node, root: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The trainable variables a node uses: its module's, or its ``get_attr`` arguments.
 
+    ``root`` owns the graph's targets (the traced model or a ``GraphModule``).
     Cached in ``node.meta["fxoto.params"]``.
     """
     if PARAMS not in node.meta:
-        node.meta[PARAMS] = _find_parameters(node, gm)
+        node.meta[PARAMS] = _find_parameters(node, root)
     return node.meta[PARAMS]
 
 
-def _find_parameters(node: fx.Node, gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
+def _find_parameters(node: fx.Node, root: nn.Module) -> list[tuple[str, nn.Parameter]]:
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
+        module = submodule(root, node.target)
         prefix = f"{node.target}." if node.target else ""
-        return [(prefix + name, p) for name, p in module.named_parameters()]
+        if module._modules:
+            return [(prefix + name, p) for name, p in module.named_parameters()]
+        found, seen = [], set()
+        for name, p in module._parameters.items():  # named_parameters() of a module without children
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                found.append((prefix + name, p))
+        return found
     found = []
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":
-            value = _fetch(gm, arg.target)
+            value = fetch_attr(root, arg.target)
             if isinstance(value, nn.Parameter):
                 found.append((arg.target, value))
     return found
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 @dataclass(frozen=True)
@@ -212,13 +215,13 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion 
     return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats))
 
 
-def annotate_rules(gm: fx.GraphModule, table: OpTable) -> None:
+def annotate_rules(graph: fx.Graph, root: nn.Module, table: OpTable) -> None:
     """Write each data node's rule, demoting joints that cannot be removed from."""
-    mark_live(gm)
+    mark_live(graph)
     rules: dict[fx.Node, OpRule] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if is_data(node):
-            rules[node] = table.rule(node, gm)
+            rules[node] = table.rule(node, root)
     for node, rule in rules.items():
         if rule.role is not Role.JOINT:
             continue
@@ -256,12 +259,12 @@ class Segment:
     kind: str  # "source", "joint", "plain" or "output"
 
 
-def cut_segments(gm: fx.GraphModule) -> list[Segment]:
+def cut_segments(graph: fx.Graph) -> list[Segment]:
     """Partition the data nodes into segments; write ``node.meta["fxoto.segment"]``."""
     chains: list[list[fx.Node]] = []
     heads: list[fx.Node] = []
     seg_of: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if not (is_data(node) or node.op == "output"):
             continue
         ins = data_inputs(node)

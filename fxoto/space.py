@@ -9,6 +9,7 @@ and the sub-network rewrite both call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from torch import nn
 from fxoto.errors import InvalidRemovalError
 from fxoto.roles import Joint, Role, Zero
 from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
-from fxoto.trace import SHAPE
+from fxoto.shapes import SHAPE, submodule
+from fxoto.trace import graph_module
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Exclusion:
     reason: str
 
 
-def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[str]) -> tuple[int | None, str]:
+def _zeroing_start(nodes: list[fx.Node], root: nn.Module, region_nodes: set[str]) -> tuple[int | None, str]:
     """Index of the first node from which zeroing the variables zeroes the output.
 
     DESIGN section 3: from that node on, every node maps zero to zero by itself
@@ -83,11 +85,11 @@ def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[s
         # A node with no data input reads only its variables (a bias table
         # gathered by index): zero variables, zero output, if it preserves zero.
         from_variables = zero is Zero.OWN_VARIABLES or (zero is Zero.PRESERVES and not data_inputs(node))
-        if from_variables and own_parameters(node, gm) and node.name not in region_nodes:
+        if from_variables and own_parameters(node, root) and node.name not in region_nodes:
             return i, ""
     if last_break >= 0:
         node = nodes[last_break]
-        what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
+        what = type(submodule(root, node.target)).__name__ if node.op == "call_module" else str(node.target)
         return None, (
             f"not zero-invariant: node '{node.name}' ({what}, {node.meta[RULE].role.value}) is not known to "
             f"map zero to zero and no stem follows it; register an OpRule for it if it does"
@@ -95,17 +97,20 @@ def _zeroing_start(nodes: list[fx.Node], gm: fx.GraphModule, region_nodes: set[s
     return None, "not zero-invariant: no stem or affine variables whose zeroing zeroes the output"
 
 
-def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG], list[Exclusion]]:
-    """Algorithm 2, lines 11-15, with zero-invariance checked and shared variables kept whole."""
-    nodes_by_name = {n.name: n for n in gm.graph.nodes}
-    cats = [n for n in gm.graph.nodes if REGION in n.meta and is_joint(n)]
+def find_gezigs(graph: fx.Graph, root: nn.Module, segments: list[Segment]) -> tuple[list[GeZIG], list[Exclusion]]:
+    """Algorithm 2, lines 11-15, with zero-invariance checked and shared variables kept whole.
+
+    ``root`` owns the graph's targets (the traced model or a ``GraphModule``).
+    """
+    nodes_by_name = {n.name: n for n in graph.nodes}
+    cats = [n for n in graph.nodes if REGION in n.meta and is_joint(n)]
     region_nodes = {name for c in cats for name, _ in c.meta[REGION].per_channel}
 
     # Which nodes use each parameter (by identity: tied weights share one tensor).
     users_of_param: dict[int, set[str]] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op in ("call_module", "call_function", "call_method"):
-            for _, p in own_parameters(node, gm):
+            for _, p in own_parameters(node, root):
                 users_of_param.setdefault(id(p), set()).add(node.name)
 
     # Channel slices after each cat, by the segment that feeds the cat.
@@ -117,7 +122,7 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
                 lo = shift + off
                 slices.setdefault(src.meta[SEGMENT], []).append((name, src.name, lo, lo + size))
 
-    params = dict(gm.named_parameters(remove_duplicate=False))
+    params: dict[str, nn.Parameter] = {}  # the members' tensors, by name
     groups: list[GeZIG] = []
     excluded: list[Exclusion] = []
     for seg in segments:
@@ -127,9 +132,9 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
         end = chain[-1]
         if not users(end) or not all(is_joint(u) for u in users(end)):
             continue
-        if not _has_params(seg, nodes_by_name, gm):
+        if not _has_params(seg, nodes_by_name, root):
             continue
-        start, why = _zeroing_start(chain, gm, region_nodes)
+        start, why = _zeroing_start(chain, root, region_nodes)
         if start is None:
             excluded.append(Exclusion(seg.nodes, why))
             continue
@@ -137,19 +142,21 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
         seen: set[int] = set()
         shared = None
         for node in chain[start:]:
-            for name, p in own_parameters(node, gm):
+            for name, p in own_parameters(node, root):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
                 outside = users_of_param[id(p)] - set(seg.nodes)
                 if outside and shared is None:
                     shared = f"parameter '{name}' is also used by node '{sorted(outside)[0]}'"
+                params[name] = p
                 members.append(Member(name))
         for node_name, _src, lo, hi in slices.get(seg.id, []):
             node = nodes_by_name[node_name]
-            for name, p in own_parameters(node, gm):
+            for name, p in own_parameters(node, root):
                 if users_of_param[id(p)] != {node_name} and shared is None:
                     shared = f"parameter '{name}' (sliced after a cat) is used by several nodes"
+                params[name] = p
                 members.append(Member(name, 0, lo, hi))
         if shared:
             excluded.append(Exclusion(seg.nodes, f"shared variables: {shared}"))
@@ -158,8 +165,8 @@ def find_gezigs(gm: fx.GraphModule, segments: list[Segment]) -> tuple[list[GeZIG
     return groups, excluded
 
 
-def _has_params(seg: Segment, nodes_by_name, gm) -> bool:
-    return any(own_parameters(nodes_by_name[n], gm) for n in seg.nodes)
+def _has_params(seg: Segment, nodes_by_name, root) -> bool:
+    return any(own_parameters(nodes_by_name[n], root) for n in seg.nodes)
 
 
 def _numel(members: list[Member], params: dict[str, nn.Parameter]) -> int:
@@ -173,18 +180,18 @@ def _numel(members: list[Member], params: dict[str, nn.Parameter]) -> int:
 class SearchSpace:
     """The GeZIGs of a super-network and the hierarchy between them (DESIGN 3-4).
 
-    ``gm`` is the traced graph; it shares its parameters with ``model``, so
-    ``zero_`` and H2SPG act on the user's own tensors.
+    ``graph`` is the traced graph, its targets paths in ``model``; ``gm`` wraps
+    the two as a runnable ``GraphModule``, built on first use.  Both share the
+    model's parameters, so ``zero_`` and H2SPG act on the user's own tensors.
     """
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, segments: list[Segment], groups: list[GeZIG], excluded: list[Exclusion]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG], excluded: list[Exclusion]):
         self.model = model
-        self.gm = gm
+        self.graph = graph
         self.segments = segments
         self.groups = groups
         self.excluded = excluded
-        self._params = dict(gm.named_parameters(remove_duplicate=False))
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = {n.name: n for n in graph.nodes}
         self._seg_of_group = [g.segment for g in groups]
         # Per segment: joint kind of its head and which inputs carry the output
         # shape (an add whose only full-shape operands are gone is not fed).
@@ -206,6 +213,15 @@ class SearchSpace:
                 self._users[i].append(seg.id)
         self._output = next(s.id for s in segments if s.kind == "output")
         self._largest: list[int] | None = None
+
+    @functools.cached_property
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters(remove_duplicate=False))
+
+    @functools.cached_property
+    def gm(self) -> fx.GraphModule:
+        """The traced graph as a ``GraphModule`` over the model's own submodules (built once, on first use)."""
+        return graph_module(self.model, self.graph)
 
     # -- validity (DESIGN section 4) -------------------------------------------------
     def is_valid_removal(self, ids: Iterable[int]) -> bool:

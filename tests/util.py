@@ -45,6 +45,30 @@ class Capture(fx.Interpreter):
         return out
 
 
+def _shape_of(value):
+    if isinstance(value, torch.Tensor):
+        return value.shape
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+class _Shapes(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.shapes[n.name] = _shape_of(out)
+        return out
+
+
+@torch.no_grad()
+def real_shapes(graph: fx.Graph, root: nn.Module, inputs: tuple) -> dict:
+    """Each node's output shape in a real run of ``graph`` (targets in ``root``), by node name."""
+    run = _Shapes(root, graph=graph)
+    run.shapes = {}
+    run.run(*inputs)
+    return run.shapes
+
+
 def segment_ends(space, x, ids=None) -> dict[int, torch.Tensor]:
     """Output of each group's segment end, in eval mode, on input ``x``."""
     ids = range(len(space.groups)) if ids is None else ids

@@ -44,7 +44,7 @@ def count(name: str) -> list:
     expected = EXPECTED_COUNTS.get(name, "")
     why = space.excluded[0].reason.split(":")[0] if space.excluded else ""
     mark = "" if expected == "" or expected == len(space.groups) else " (differs)"
-    return [f"`{name}`", f"{size}x{size}", len(space.gm.graph.nodes), f"{len(space.groups)}{mark}", expected,
+    return [f"`{name}`", f"{size}x{size}", len(space.graph.nodes), f"{len(space.groups)}{mark}", expected,
             len(space.excluded), why, f"{1e3 * min(seconds):.0f}"]
 
 
