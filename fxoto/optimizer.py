@@ -308,9 +308,9 @@ class H2SPG(Optimizer):
         self.hat_lambda_coef = hat if hat_lambda_coef is None else hat_lambda_coef
         self.score_fn = redundancy_score if score_fn is None else score_fn
 
-        named = dict(space.gm.named_parameters(remove_duplicate=False))
-        self._names = {id(p): name for name, p in named.items()}
-        for name, p in space.model.named_parameters(remove_duplicate=False):
+        named = dict(space.model.named_parameters(remove_duplicate=False))  # the graph's names are the model's
+        self._names = {}
+        for name, p in named.items():
             self._names.setdefault(id(p), name)
         self._parts = [
             [_Part(named[m.param], m.dim, m.start, m.stop - m.start) for m in g.members] for g in space.groups
