@@ -93,19 +93,25 @@ CAT = OpRule(Role.JOINT, Zero.PRESERVES, Channel.OPAQUE, joint=Joint.CAT)
 LINEAR = OpRule(Role.STEM, Zero.OWN_VARIABLES, Channel.CONSUME, reads=-1, weight_in_dim=1)
 
 
+# By (transposed, grouped): the weight's input dim, and whether channels can be followed.
+# A grouped convolution mixes no channels across groups, but erasing channels
+# is exact only when whole groups go: not followed (DESIGN 6).
+_CONV = {
+    (transposed, grouped): OpRule(Role.STEM, Zero.OWN_VARIABLES, Channel.OPAQUE if grouped else Channel.CONSUME,
+                                  reads=1, weight_in_dim=0 if transposed else 1)
+    for transposed in (False, True) for grouped in (False, True)
+}
+AFFINE_NORM = OpRule(Role.ACCESSORY, Zero.OWN_VARIABLES, Channel.PER_CHANNEL)
+# Without affine variables, eval mode maps 0 to -mean/std: not zero.
+PLAIN_NORM = OpRule(Role.ACCESSORY, Zero.BREAKS, Channel.OPAQUE)
+
+
 def _conv(node: fx.Node, m: nn.Module) -> OpRule:
-    # A grouped convolution mixes no channels across groups, but erasing
-    # channels is exact only when whole groups go: not followed (DESIGN 6).
-    in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
-    channel = Channel.CONSUME if m.groups == 1 else Channel.OPAQUE
-    return OpRule(Role.STEM, Zero.OWN_VARIABLES, channel, reads=1, weight_in_dim=in_dim)
+    return _CONV[isinstance(m, nn.modules.conv._ConvTransposeNd), m.groups != 1]
 
 
 def _batch_norm(node: fx.Node, m: nn.Module) -> OpRule:
-    if m.affine:
-        return OpRule(Role.ACCESSORY, Zero.OWN_VARIABLES, Channel.PER_CHANNEL)
-    # Without affine variables, eval mode maps 0 to -mean/std: not zero.
-    return OpRule(Role.ACCESSORY, Zero.BREAKS, Channel.OPAQUE)
+    return AFFINE_NORM if m.affine else PLAIN_NORM
 
 
 def _layer_norm(node: fx.Node, m: nn.Module) -> OpRule:
@@ -279,7 +285,9 @@ class OpTable:
         module = None
         if node.op == "call_module":
             module = submodule(root, node.target)
-            found = next((self.modules[t] for t in type(module).__mro__ if t in self.modules), None)
+            found = self.modules.get(type(module))  # the class itself, else the nearest base
+            if found is None:
+                found = next((self.modules[t] for t in type(module).__mro__ if t in self.modules), None)
         elif node.op == "call_function":
             found = self.functions.get(node.target)
         elif node.op == "call_method":

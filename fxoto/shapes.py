@@ -297,9 +297,18 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
     """Run ``graph`` node by node and keep each output's shape.
 
     ``meta``: inputs are meta tensors; rules give the shapes they can, the rest
-    runs on meta.  Otherwise every node runs on the given (real) tensors.
+    runs on meta.  Otherwise every node runs on the given (real) tensors, each
+    value freed after its last use.
     """
     env: dict[fx.Node, Any] = {}
+    last_uses: dict[fx.Node, list[fx.Node]] = {}
+    if not meta:
+        seen: set[fx.Node] = set()
+        for node in reversed(graph.nodes):
+            for n in node.all_input_nodes:
+                if n not in seen:
+                    seen.add(n)
+                    last_uses.setdefault(node, []).append(n)
     args_iter = iter(graph.process_inputs(*inputs))
     load = env.__getitem__
     for node in graph.nodes:
@@ -347,7 +356,8 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                     value = getattr(args[0], target)(*args[1:], **kwargs)
         env[node] = value
         node.meta[SHAPE] = _shape_of(value)
-
+        for n in last_uses.get(node, ()):
+            del env[n]
 
 
 def propagate_shapes(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[Any]) -> None:

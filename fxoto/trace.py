@@ -52,11 +52,16 @@ class Tracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
         self.module_path: list[str] = []
+        self._leaf_by_class: dict[type, bool] = {}  # apart from leaf_paths, a module's class decides
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_paths:
+        if module_qualified_name in self.leaf_paths:
             return True
-        return super().is_leaf_module(m, module_qualified_name)
+        leaf = self._leaf_by_class.get(type(m))
+        if leaf is None:
+            leaf = isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+            self._leaf_by_class[type(m)] = leaf
+        return leaf
 
     def call_module(self, m, forward, args, kwargs):
         path = self.submodule_paths.get(m) if self.submodule_paths else None
@@ -92,6 +97,8 @@ class Tracer(fx.Tracer):
             return tuple([self.create_arg(v) for v in a])
         if kind is list:
             return [self.create_arg(v) for v in a]
+        if kind is dict and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
         if kind in _PLAIN:
             return a
         return super().create_arg(a)
@@ -110,9 +117,12 @@ def _modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
-    flags = [(m, m.training) for m in _modules(model)]
-    if any(flag for _, flag in flags):
-        model.eval()
+    modules = _modules(model)
+    if not any(m.training for m in modules):
+        yield
+        return
+    flags = [(m, m.training) for m in modules]
+    model.eval()
     try:
         yield
     finally:

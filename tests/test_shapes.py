@@ -172,3 +172,20 @@ def test_modules_without_a_rule_leave_the_models_state_alone():
     propagate_shapes(graph, model, (torch.randn(2, 3, 8, 8),))
     assert all(torch.equal(before[k], v) and not v.is_meta for k, v in model.state_dict().items())
     assert [n.meta[SHAPE] for n in graph.nodes][-1] == torch.Size([2, 2, 6, 6])
+
+
+class Positive(nn.Module):
+    """A data-dependent shape: no meta kernel can give it."""
+
+    def forward(self, x):
+        return torch.nonzero(x > 0).float() + 1.0
+
+
+def test_data_dependent_shapes_run_on_real_tensors():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), Positive()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 1, 3, 3)
+    graph = symbolic_trace(model)
+    propagate_shapes(graph, model, (x,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n.name: n.meta[SHAPE] for n in graph.nodes} == real_shapes(graph, model, (x,))

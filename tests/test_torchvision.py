@@ -1,5 +1,5 @@
-"""Every torchvision classification model: its search space builds, every GeZIG is
-zero-invariant, and random valid removals give exact sub-networks."""
+"""Every torchvision classification model: its search space builds with the shapes of a real
+run, every GeZIG is zero-invariant, and random valid removals give exact sub-networks."""
 
 from dataclasses import dataclass
 
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import fxoto
-from util import segment_ends
+from fxoto.shapes import SHAPE
+from util import real_shapes, segment_ends
 from zoo_models import EXPECTED_COUNTS, NO_JOINT, SHUFFLED, TORCHVISION, build, input_size
 
 
@@ -38,6 +39,8 @@ def case(request):
 def test_search_space_of_torchvision_model(case):
     case.reset()
     space = fxoto.build_space(case.model, (case.x,))
+    recorded = {n.name: n.meta[SHAPE] for n in space.graph.nodes}
+    assert recorded == real_shapes(space.graph, case.model, (case.x,)), f"{case.name}: recorded shapes differ from a real run's"
     if case.name in NO_JOINT or case.name in SHUFFLED:
         assert space.groups == []
         return
