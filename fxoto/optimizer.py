@@ -206,9 +206,10 @@ def _plain_step(p: Tensor, d: _Direction) -> None:
 
 
 def _scale_add_(x: Tensor, a: float, v: Tensor, alpha: float) -> None:
-    """x <- a x + alpha v in place.  For contiguous tensors, one pass over memory: BLAS gemv
-    with v as an n-by-1 matrix, where ``x.mul_(a).add_(v, alpha=alpha)`` reads and writes x twice."""
-    if x.is_contiguous() and v.is_contiguous():
+    """x <- a x + alpha v in place.  On one thread and contiguous tensors, one pass over memory:
+    BLAS gemv with v as an n-by-1 matrix, where ``x.mul_(a).add_(v, alpha=alpha)`` reads and
+    writes x twice; gemv runs on one thread, though, so with more the two calls are faster."""
+    if torch.get_num_threads() == 1 and x.is_contiguous() and v.is_contiguous():
         x.view(-1).addmv_(v.view(-1, 1), v.new_ones(1), beta=a, alpha=alpha)
     else:
         x.mul_(a).add_(v, alpha=alpha)
@@ -420,15 +421,14 @@ class H2SPG(Optimizer):
 
         Called as the gradient enters the parameter's optimizer state and before the
         parameter moves, while the tensors are in the CPU's cache: ``probe`` is the state
-        tensor that took the gradient (the gradient itself where there is none) and ``sq``,
-        when given, an inner product already computed from it; inf or NaN in the gradient
-        makes either non-finite.  ``stepped`` counts the parameters already updated this step.
+        tensor that took the gradient (the gradient itself where there is none), summed, or
+        ``sq``, an inner product already computed from it; inf or NaN in the gradient makes
+        either non-finite.  ``stepped`` counts the parameters already updated this step.
         """
         if sq is None:
-            flat = _flat(probe)
-            sq = torch.dot(flat, flat)
+            sq = probe.sum()  # inf or NaN anywhere makes the sum so; the cheapest reduction there is
         if math.isfinite(float(sq)) or bool(grad.isfinite().all()):
-            return  # finite gradient: the product overflowed, or the state did (the step shows it)
+            return  # finite gradient: the sum or product overflowed, or the state did (the step shows it)
         name = self._names.get(id(p), "?")
         state = "" if probe is grad else f", and the optimizer state of '{name}' has taken the gradient"
         if stepped == 0:
