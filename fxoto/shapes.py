@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.nn.utils.stateless import _reparametrize_module
 
 SHAPE = "shape"  # node.meta key: torch.Size, tuple of those, or None
@@ -283,6 +284,12 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     return getattr(submodule(root, owner), name)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks may change what a module returns: then it is run, not looked up."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+
+
 def _run_on_meta(module: nn.Module, args, kwargs) -> Any:
     state = {k: torch.empty_like(v, device="meta")
              for k, v in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
@@ -332,16 +339,14 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
             value = None
             if op == "call_module":
                 module = submodule(root, target)
-                if meta:
+                if meta and not _hooked(module):
                     rule = _MODULE_RULES.get(type(module))
                     if rule is not None:
                         value = rule(args, kwargs, module)
                     elif isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor):
                         value = args[0]
-                    if value is None:
-                        value = _run_on_meta(module, args, kwargs)
-                else:
-                    value = module(*args, **kwargs)
+                if value is None:
+                    value = _run_on_meta(module, args, kwargs) if meta else module(*args, **kwargs)
             elif op == "call_function":
                 rule = _FUNCTION_RULES.get(target) if meta else None
                 if rule is not None:

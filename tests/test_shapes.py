@@ -189,3 +189,10 @@ def test_data_dependent_shapes_run_on_real_tensors():
     propagate_shapes(graph, model, (x,))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert {n.name: n.meta[SHAPE] for n in graph.nodes} == real_shapes(graph, model, (x,))
+
+
+def test_forward_hooks_are_run():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    for m in model:
+        m.register_forward_hook(lambda module, args, out: out[:, :2])
+    check(model, torch.randn(1, 3, 8, 8))
