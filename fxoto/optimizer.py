@@ -66,7 +66,7 @@ LAMBDA_DEFAULTS = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "adamw":
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1)  # a view where the layout allows
+    return t if t.dim() == 1 else t.reshape(-1)  # a view where the layout allows
 
 
 @torch.no_grad()
