@@ -4,8 +4,8 @@
 node's output shape in ``node.meta["shape"]`` (``fxoto.shapes``).  Its
 ``call_module`` and ``get_attr`` targets are paths in the model itself: the
 passes read modules and parameters from the model, and ``graph_module`` wraps
-graph and model into a ``GraphModule`` (which generates and compiles Python
-code, as long again as the trace) only where one is run or rewritten.
+graph and model into a ``GraphModule`` (it generates and compiles Python code,
+about as long as the trace itself) only where one is run or rewritten.
 
 The user's model is never modified: the graph is traced in eval mode (the
 sub-network is an inference graph; training-only branches such as Inception's
@@ -42,8 +42,9 @@ class Tracer(fx.Tracer):
 
     ``call_module``, ``create_node`` and ``create_arg`` are fx's own with the
     bookkeeping a search space never reads left out (the scope copied at each
-    module call, ``node_name_to_scope``) and fast paths for the common
-    arguments; the graph, names and ``nn_module_stack`` are fx's.
+    module call, ``node_name_to_scope``), fast paths for the common arguments,
+    and the leaf decision taken once per module class; the graph, node names
+    and ``nn_module_stack`` are fx's.
     """
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
@@ -51,7 +52,6 @@ class Tracer(fx.Tracer):
         leaf_modules = tuple(leaf_modules)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
-        self.module_path: list[str] = []
         self._leaf_by_class: dict[type, bool] = {}  # apart from leaf_paths, a module's class decides
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -68,7 +68,6 @@ class Tracer(fx.Tracer):
         if path is None:
             path = self.path_of_module(m)
         # On failure the stack is left as is: its top names the failing module.
-        self.module_path.append(path)
         calls = self.num_calls.get(path, 0)
         key = f"{path}@{calls}" if calls else path
         self.module_stack[key] = (path, type(m))
@@ -78,7 +77,6 @@ class Tracer(fx.Tracer):
         else:
             out = forward(*args, **kwargs)
         self.module_stack.popitem()
-        self.module_path.pop()
         return out
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -142,7 +140,7 @@ def symbolic_trace(
         with _eval_mode(model):
             return tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError ...
-        where = tracer.module_path[-1] if tracer.module_path else "<root>"
+        where = next(reversed(tracer.module_stack.values()))[0] if tracer.module_stack else "<root>"
         where = where or f"<root: {type(model).__name__}>"
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__}: the failure is in module "
