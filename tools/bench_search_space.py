@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import re
 import statistics
 import sys
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} after 1 warm-up\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} after 1 warm-up, "
+          f"load average {os.getloadavg()[0]:.2f} (1 min) at the start\n")
 
     if args.models:
         rows = bench_torchvision(args.models, args.repeats)
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                                       "torch-pruning median (ms)", "tp min", "ratio of medians", "ratio of minima",
                                       f"median ratio <= {TARGET}", "GraphModule, first use (ms)"],
                        floatfmt=(".0f", ".0f", ".0f", ".1f", ".1f", ".1f", ".1f", ".3f", ".3f", "", ".1f"), tablefmt="github"))
-        print("\nfxoto's time is build_space's; the GraphModule (SearchSpace.gm) is built on first use, timed apart\n")
+        print("\nfxoto's time is build_space's; the GraphModule (SearchSpace.gm) is built on first use, timed apart")
+        print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end of the comparison\n")
     if args.zoo:
         zoo = bench_zoo(args.zoo, args.repeats)
         print(tabulate(zoo, headers=["super-network", "input", "fx nodes", "GeZIGs", "fxoto (ms)", "us per node"],
