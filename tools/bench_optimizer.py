@@ -8,8 +8,8 @@ wall clock: on a shared machine, time spent waiting for a core then does not cou
 bandwidth taken by others still does).  H2SPG is timed in its hybrid phase with no redundant
 group zero yet (the costly case: every redundant group takes the group-lasso step), and in
 the pruned phase (redundant groups pinned at zero, their parameters skipped).  "state"
-counts the bytes of the optimizer's tensors: per-parameter state plus H2SPG's per-group
-scores.
+counts the bytes of the optimizer's state: per-parameter tensors plus H2SPG's per-group
+scores and the three floats it keeps per redundant group (``_scale``).
 
     PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--size 224] [--threads 2] [--clock cpu]
 """
@@ -34,8 +34,9 @@ LR = 1e-7  # tiny, so that repeated steps on one gradient keep the parameters (a
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    if isinstance(opt, H2SPG):
-        total += opt.scores.numel() * opt.scores.element_size()
+    if isinstance(opt, H2SPG):  # per-group scores, and three floats per redundant group not yet zero
+        h = opt.state_dict()["h2spg"]
+        total += h["scores"].numel() * h["scores"].element_size() + 8 * sum(len(s) for s in h["stats"].values())
     return total
 
 
