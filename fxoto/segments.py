@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxoto.roles import UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
-from fxoto.shapes import SHAPE, fetch_attr, submodule
+from fxoto.shapes import SHAPE, attr_value, submodule
 
 RULE = "fxoto.rule"
 LIVE = "fxoto.live"
@@ -87,7 +87,7 @@ def _find_parameters(node: fx.Node, root: nn.Module) -> list[tuple[str, nn.Param
     found = []
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":
-            value = fetch_attr(root, arg.target)
+            value = attr_value(arg, root)
             if isinstance(value, nn.Parameter):
                 found.append((arg.target, value))
     return found

@@ -29,6 +29,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils.stateless import _reparametrize_module
 
 SHAPE = "shape"  # node.meta key: torch.Size, tuple of those, or None
+CONSTANT = "fxoto.constant"  # node.meta key of a get_attr node: the tensor it reads, made in forward
 
 Rule = Callable[..., Tensor | None]  # (args, kwargs[, module]) -> meta output, or None to run the op
 
@@ -284,6 +285,12 @@ def fetch_attr(root: nn.Module, target: str) -> Any:
     return getattr(submodule(root, owner), name)
 
 
+def attr_value(node: fx.Node, root: nn.Module) -> Any:
+    """What a ``get_attr`` node reads: a tensor made in ``forward`` (held by the node, not the
+    model: ``CONSTANT``), or the attribute of ``root`` at its target."""
+    return node.meta[CONSTANT] if CONSTANT in node.meta else fetch_attr(root, node.target)
+
+
 def _hooked(module: nn.Module) -> bool:
     """Forward hooks may change what a module returns: then it is run, not looked up."""
     return bool(module._forward_hooks or module._forward_pre_hooks
@@ -328,7 +335,7 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                 if value is _MISSING:
                     raise RuntimeError(f"Expected positional argument for parameter {target}, but one was not passed in!")
         elif op == "get_attr":
-            value = fetch_attr(root, target)
+            value = attr_value(node, root)
             if meta:
                 value = _to_meta(value)
         elif op == "output":

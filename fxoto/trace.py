@@ -30,7 +30,7 @@ from torch.fx import _symbolic_trace as _fx
 from torch.fx import traceback as fx_traceback
 
 from fxoto.errors import UntraceableModelError
-from fxoto.shapes import SHAPE, propagate_shapes
+from fxoto.shapes import CONSTANT, SHAPE, propagate_shapes
 
 __all__ = ["SHAPE", "Tracer", "graph_module", "propagate_shapes", "symbolic_trace", "trace"]
 
@@ -65,6 +65,8 @@ class Tracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_paths = frozenset(m for m in leaf_modules if isinstance(m, str))
         self._leaf_by_class: dict[type, bool] = {}  # apart from leaf_paths, a module's class decides
+        self.constants: dict[str, torch.Tensor] = {}  # tensors made in forward, by get_attr target
+        self._buffers: tuple[nn.Module, dict[int, str]] | None = None  # the root's buffers by id
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -179,7 +181,31 @@ class Tracer(fx.Tracer):
             return {k: self.create_arg(v) for k, v in a.items()}
         if kind in _PLAIN:
             return a
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            return self._constant(a)
         return super().create_arg(a)
+
+    def _constant(self, a: torch.Tensor) -> fx.Node:
+        """A ``get_attr`` node for tensor ``a``: a buffer's or model attribute's path, or, for a tensor made in
+        ``forward``, a fresh ``_tensor_constantN`` name as fx gives it.  fx stores such a tensor
+        on the root module, the user's model; here the node holds it (``CONSTANT``) and the
+        model stays as it was.  ``graph_module`` puts it on the GraphModule."""
+        if self._buffers is None or self._buffers[0] is not self.root:
+            self._buffers = (self.root, {id(t): name for name, t in self.root.named_buffers()})
+        buffer = self._buffers[1].get(id(a))
+        if buffer is not None:  # fx looks buffers up first
+            return self.create_node("get_attr", buffer, (), {})
+        qualname = self.tensor_attrs.get(a)
+        if qualname is None:
+            i = len(self.constants)
+            while hasattr(self.root, f"_tensor_constant{i}") or f"_tensor_constant{i}" in self.constants:
+                i += 1
+            qualname = self.tensor_attrs[a] = f"_tensor_constant{i}"
+            self.constants[qualname] = a
+        node = self.create_node("get_attr", qualname, (), {})
+        if qualname in self.constants:
+            node.meta[CONSTANT] = a
+        return node
 
 
 def _module_tree(root: nn.Module) -> tuple[dict[nn.Module, str], dict[Any, str]]:
@@ -268,7 +294,14 @@ def symbolic_trace(
 
 def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``graph`` as a runnable ``GraphModule`` that shares ``model``'s submodules and parameters."""
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    constants = {n.target: n.meta[CONSTANT] for n in graph.nodes if n.op == "get_attr" and CONSTANT in n.meta}
+    try:  # fx copies get_attr targets from the root: the constants stand on the model for that moment only
+        for name, value in constants.items():
+            setattr(model, name, value)
+        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    finally:
+        for name in constants:
+            delattr(model, name)
     gm.training = model.training  # its submodules are the model's own: leave their flags alone
     return gm
 

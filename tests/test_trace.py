@@ -12,14 +12,18 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.trace import Tracer
+import fxoto
+from fxoto.shapes import CONSTANT
+from fxoto.trace import Tracer, graph_module
 from fxoto.zoo import MODELS
 from zoo_models import build
 
 
 def recorded(tracer: fx.Tracer, graph: fx.Graph) -> tuple[list, list]:
+    # fx puts a tensor made in forward on the model; fxoto keeps it in its get_attr node's meta
     nodes = [(n.name, n.op, n.target if callable(n.target) else str(n.target), repr(n.args), repr(n.kwargs),
-              [u.name for u in n.users], n.type, dict(n.meta)) for n in graph.nodes]
+              [u.name for u in n.users], n.type, {k: v for k, v in n.meta.items() if k != CONSTANT})
+             for n in graph.nodes]
     return nodes, list(tracer.tensor_attrs.values())
 
 
@@ -81,6 +85,20 @@ def test_constants_shared_modules_and_concrete_args_trace_as_fx_does():
     assert_traced_as_fx_does(Scaled)
     assert_traced_as_fx_does(Shared, concrete_args={"flag": True})
     assert_traced_as_fx_does(Shared, concrete_args={"flag": False})
+
+
+def test_a_tensor_made_in_forward_stays_off_the_model():
+    # fx stores it on the root module, the user's model (maxvit_t gained attributes at every trace)
+    model = Scaled()
+    before = dict(vars(model))
+    graph = Tracer().trace(model)
+    (node,) = [n for n in graph.nodes if CONSTANT in n.meta]
+    assert node.op == "get_attr" and node.target == "_tensor_constant0" and vars(model) == before
+    gm = graph_module(model, graph)
+    assert vars(model) == before and getattr(gm, "_tensor_constant0") is node.meta[CONSTANT]
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm(x), model(x))
+    assert fxoto.build_space(model, (x,)).gm(x).equal(model(x)) and vars(model) == before
 
 
 def test_a_function_traces_as_fx_does():

@@ -6,6 +6,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxoto.shapes import CONSTANT
+
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -55,7 +57,7 @@ def _shape_of(value):
 
 class _Shapes(fx.Interpreter):
     def run_node(self, n: fx.Node):
-        out = super().run_node(n)
+        out = n.meta[CONSTANT] if CONSTANT in n.meta else super().run_node(n)  # a tensor made in forward
         self.shapes[n.name] = _shape_of(out)
         return out
 
