@@ -9,8 +9,9 @@ about as long as the trace itself) only where one is run or rewritten.
 
 The user's model is never modified: the graph is traced in eval mode (the
 sub-network is an inference graph; training-only branches such as Inception's
-auxiliary logits stay outside the search space) and each module's training
-flag is restored afterwards.
+auxiliary logits stay outside the search space), each module's training
+flag is restored afterwards, and a tensor made in ``forward`` is held by its
+``get_attr`` node (``shapes.CONSTANT``), not stored on the model as fx does.
 """
 
 from __future__ import annotations
