@@ -215,7 +215,6 @@ def _scale_add_(x: Tensor, a: float, v: Tensor, alpha: float) -> None:
         x.mul_(a).add_(v, alpha=alpha)
 
 
-
 class H2SPG(Optimizer):
     """Hierarchical Half-Space Projected Gradient (paper, Algorithm 3) over a ``SearchSpace``.
 
@@ -415,7 +414,7 @@ class H2SPG(Optimizer):
             self._force()
         return loss
 
-    def _check_finite(self, p: Tensor, grad: Tensor, probe: Tensor | None, stepped: int,
+    def _check_finite(self, p: Tensor, grad: Tensor, probe: Tensor, stepped: int,
                       sq: Tensor | None = None) -> None:
         """Raise, naming the parameter, if its gradient holds inf or NaN.
 
@@ -481,12 +480,16 @@ class H2SPG(Optimizer):
     def _pin(self, g: int) -> None:
         """Group g is zero from now on: so is its momentum / Adam state."""
         for part in self._parts[g]:
-            for value in self.state.get(part.param, {}).values():
-                if isinstance(value, Tensor) and value.shape == part.param.shape:
-                    part.of(value).zero_()
+            self._zero_state(part)
         self._zero.add(g)
         self._stats.pop(g, None)
         self._pinned_plan = None
+
+    def _zero_state(self, part: _Part) -> None:
+        """Zero the member's slice of its parameter's momentum / Adam state."""
+        for value in self.state.get(part.param, {}).values():
+            if isinstance(value, Tensor) and value.shape == part.param.shape:
+                part.of(value).zero_()
 
     def _pinned(self) -> tuple[set[int], list[_Part]]:
         """Parameters wholly inside pinned groups (no step at all) and pinned slices (re-zeroed)."""
@@ -556,9 +559,7 @@ class H2SPG(Optimizer):
         self._project(hot, gathered, want_dd)
         for part in self._pinned()[1]:
             part.of(part.param).zero_()
-            for value in self.state.get(part.param, {}).values():
-                if isinstance(value, Tensor) and value.shape == part.param.shape:
-                    part.of(value).zero_()
+            self._zero_state(part)
 
     def _members(self, hot: list[int]) -> dict[int, list[tuple[int, _Part]]]:
         """The hot groups' members by parameter (id): kept while the hot set stays the same."""
@@ -585,18 +586,18 @@ class H2SPG(Optimizer):
         of DHSPG's lambda (``dhspg_lambda``) and the floor of the hybrid phase (``lambda_floor``).
 
         ``_stats[g]`` holds ||x_g||^2, x_g.d_g and ||d_g||^2 (None where not gathered) from the
-        group's previous pass; the floor takes the group's learning rate now.  On its first hybrid step a group has
-        none: its lambda is then DHSPG's for x.d >= 0 (lambda0) or the floor, with ||x_g||
-        measured now.  ||d_g||^2 only serves DHSPG's upper bound on lambda, needed where
+        group's previous pass; the floor takes the group's learning rate now.  On its first
+        hybrid step a group has none: its lambda is then DHSPG's for x.d >= 0 (lambda0) or the
+        floor, with ||x_g|| measured now.  ||d_g||^2 only serves DHSPG's upper bound on lambda, needed where
         x.d < 0; it is gathered where x.d was negative the pass before, so for one step after
         x.d turns negative the bound is not applied."""
         if g not in self._stats:
             xx = sum(float(torch.dot(x, x)) for x in (_flat(part.of(part.param)) for part in self._parts[g]))
             self._stats[g] = (xx, 0.0, None)
         xx, xd, dd = self._stats[g]
-        lr_g = max(self._lr_of(part.param) for part in self._parts[g])
         if xx <= 0.0:
             return 0.0
+        lr_g = max(self._lr_of(part.param) for part in self._parts[g])
         norm = math.sqrt(xx)
         steps_left = self.warmup_steps + self.pruning_steps - self._step
         lam = max(dhspg_lambda(norm, xd, math.inf if dd is None else dd, self.lambda0, self.lambda_amplify,

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.shapes import CONSTANT
+from fxoto.shapes import CONSTANT, _shape_of
 
 
 @torch.no_grad()
@@ -45,14 +45,6 @@ class Capture(fx.Interpreter):
         if n.name in self.names:
             self.values[n.name] = out.detach().clone()
         return out
-
-
-def _shape_of(value):
-    if isinstance(value, torch.Tensor):
-        return value.shape
-    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return tuple(_shape_of(v) for v in value)
-    return None
 
 
 class _Shapes(fx.Interpreter):
