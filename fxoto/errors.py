@@ -27,3 +27,21 @@ class InvalidRemovalError(FxotoError):
 
 class NonFiniteGradientError(FxotoError):
     """A gradient held inf or NaN during an H2SPG step."""
+
+
+class ExampleInputError(FxotoError, RuntimeError):
+    """The example inputs do not run through the model (wrong shape, wrong channel count).
+
+    A ``RuntimeError`` too, as the failing operation's own error was.
+    """
+
+
+class UnknownGroupError(FxotoError, IndexError):
+    """A GeZIG id outside ``0 .. len(space.groups) - 1``.
+
+    An ``IndexError`` too, as a list lookup's would be.
+    """
+
+
+class DeviceError(FxotoError):
+    """The model's tensors are spread over several devices, or some are on ``meta``."""

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 from torch.nn.utils.stateless import _reparametrize_module
 
+from fxoto.errors import ExampleInputError
+
 SHAPE = "shape"  # node.meta key: torch.Size, tuple of those, or None
 CONSTANT = "fxoto.constant"  # node.meta key of a get_attr node: the tensor it reads, made in forward
 
@@ -325,64 +327,124 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                     last_uses.setdefault(node, []).append(n)
     args_iter = iter(graph.process_inputs(*inputs))
     load = env.__getitem__
-    for node in graph.nodes:
-        op, target = node.op, node.target
-        if op == "placeholder":
-            if target.startswith("*"):
-                value = list(args_iter)
+    node = None
+    try:
+        for node in graph.nodes:
+            op, target = node.op, node.target
+            if op == "placeholder":
+                if target.startswith("*"):
+                    value = list(args_iter)
+                else:
+                    value = next(args_iter, node.args[0] if node.args else _MISSING)
+                    if value is _MISSING:
+                        raise RuntimeError(f"Expected positional argument for parameter {target}, but one was not passed in!")
+            elif op == "get_attr":
+                value = attr_value(node, root)
+                if meta:
+                    value = _to_meta(value)
+            elif op == "output":
+                value = fx.node.map_arg(node.args[0], load)
             else:
-                value = next(args_iter, node.args[0] if node.args else _MISSING)
-                if value is _MISSING:
-                    raise RuntimeError(f"Expected positional argument for parameter {target}, but one was not passed in!")
-        elif op == "get_attr":
-            value = attr_value(node, root)
-            if meta:
-                value = _to_meta(value)
-        elif op == "output":
-            value = fx.node.map_arg(node.args[0], load)
-        else:
-            args = fx.node.map_arg(node.args, load)
-            kwargs = fx.node.map_arg(node.kwargs, load)
-            value = None
-            if op == "call_module":
-                module = submodule(root, target)
-                if meta and not _hooked(module):
-                    rule = _MODULE_RULES.get(type(module))
+                args = fx.node.map_arg(node.args, load)
+                kwargs = fx.node.map_arg(node.kwargs, load)
+                value = None
+                if op == "call_module":
+                    module = submodule(root, target)
+                    if meta and not _hooked(module):
+                        rule = _MODULE_RULES.get(type(module))
+                        if rule is not None:
+                            value = rule(args, kwargs, module)
+                        elif isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor):
+                            value = args[0]
+                    if value is None:
+                        value = _run_on_meta(module, args, kwargs) if meta else module(*args, **kwargs)
+                elif op == "call_function":
+                    rule = _FUNCTION_RULES.get(target) if meta else None
                     if rule is not None:
-                        value = rule(args, kwargs, module)
-                    elif isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor):
-                        value = args[0]
-                if value is None:
-                    value = _run_on_meta(module, args, kwargs) if meta else module(*args, **kwargs)
-            elif op == "call_function":
-                rule = _FUNCTION_RULES.get(target) if meta else None
-                if rule is not None:
-                    value = rule(args, kwargs)
-                if value is None:
-                    value = target(*args, **kwargs)
-            else:  # call_method
-                rule = _METHOD_RULES.get(target) if meta else None
-                if rule is not None:
-                    value = rule(args, kwargs)
-                if value is None:
-                    value = getattr(args[0], target)(*args[1:], **kwargs)
-        env[node] = value
-        node.meta[SHAPE] = _shape_of(value)
-        for n in last_uses.get(node, ()):
-            del env[n]
+                        value = rule(args, kwargs)
+                    if value is None:
+                        value = target(*args, **kwargs)
+                else:  # call_method
+                    rule = _METHOD_RULES.get(target) if meta else None
+                    if rule is not None:
+                        value = rule(args, kwargs)
+                    if value is None:
+                        value = getattr(args[0], target)(*args[1:], **kwargs)
+            env[node] = value
+            node.meta[SHAPE] = _shape_of(value)
+            for n in last_uses.get(node, ()):
+                del env[n]
+    except Exception as error:
+        raise _NodeFailure(node, error) from error
+
+
+class _NodeFailure(Exception):
+    """``node`` raised ``error`` in a walk (its inputs' shapes are recorded already)."""
+
+    def __init__(self, node: fx.Node | None, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.node, self.error = node, error
 
 
 def propagate_shapes(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[Any]) -> None:
     """Record every node's output shape, on the meta device when the ops allow it.
 
     ``root`` owns the graph's targets (the traced model, or a ``GraphModule``).
+    Raises ``ExampleInputError`` naming the node where the example inputs do
+    not run through the model.
     """
     try:
         with torch.no_grad():
             _walk(graph, root, _to_meta(tuple(example_inputs)), meta=True)
         return
-    except (NotImplementedError, RuntimeError):
-        pass  # an op without a meta kernel: fall back to real tensors, buffers cloned
+    except _NodeFailure:
+        pass  # an op without a meta kernel, or a real error: the run on real tensors tells which
     cloned = {k: v.detach().clone() for k, v in root.named_buffers(remove_duplicate=False)}
-    with torch.no_grad(), _reparametrize_module(root, cloned):
-        _walk(graph, root, tuple(example_inputs), meta=False)
+    try:
+        with torch.no_grad(), _reparametrize_module(root, cloned):
+            _walk(graph, root, tuple(example_inputs), meta=False)
+    except _NodeFailure as failure:
+        raise ExampleInputError(_explain(graph, root, example_inputs, failure)) from failure.error
+
+
+def _describe(node: fx.Node, root: nn.Module) -> str:
+    """``node 'cat_3' (torch.cat, in module 'cells.2': Cell)``."""
+    if node.op == "call_module":
+        return f"node '{node.name}' (module '{node.target}': {type(submodule(root, node.target)).__name__})"
+    what = f".{node.target}()" if node.op == "call_method" else fx.node._get_qualified_name(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = next(reversed(stack.values()))
+        return f"node '{node.name}' ({what}, in module '{path}': {getattr(kind, '__name__', kind)})"
+    return f"node '{node.name}' ({what}, in the model's own forward)"
+
+
+def _first_layer(graph: fx.Graph, root: nn.Module) -> str:
+    """What the first convolution or linear layer after the inputs expects, in words."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = submodule(root, node.target)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            dims = {1: "L", 2: "H, W", 3: "D, H, W"}[len(m.kernel_size)]
+            return f"its first layer, '{node.target}' ({type(m).__name__}), expects [N, {m.in_channels}, {dims}]"
+        if isinstance(m, nn.Linear):
+            return f"its first layer, '{node.target}' (Linear), expects [..., {m.in_features}]"
+    return ""
+
+
+def _explain(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[Any], failure: _NodeFailure) -> str:
+    given = ", ".join(str(list(x.shape)) if isinstance(x, Tensor) else type(x).__name__ for x in example_inputs)
+    model = type(root).__name__
+    node = failure.node
+    if node is None or node.op == "placeholder":
+        where = f"at its inputs ({failure})"
+    else:
+        seen = [str(list(n.meta[SHAPE])) for n in node.all_input_nodes if isinstance(n.meta.get(SHAPE), torch.Size)]
+        where = f"at {_describe(node, root)}, which saw inputs of shapes {', '.join(seen) or 'none'}: {failure}"
+    first = _first_layer(graph, root)
+    return (
+        f"the example inputs ({given}) do not run through {model}: it fails {where}. "
+        + (f"{first[0].upper()}{first[1:]}. " if first else "")
+        + "Pass example inputs of the shape the model is trained on (one sample is enough)."
+    )

@@ -10,6 +10,7 @@ and the sub-network rewrite both call.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.errors import InvalidRemovalError
+from fxoto.errors import InvalidRemovalError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
 from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
 from fxoto.shapes import SHAPE, submodule
@@ -235,11 +236,7 @@ class SearchSpace:
 
     def removal_problem(self, ids: Iterable[int]) -> str | None:
         """Why erasing these groups is invalid (naming a node), or None when it is valid."""
-        erased = set()
-        for i in ids:
-            if not 0 <= i < len(self.groups):
-                raise IndexError(f"no GeZIG with id {i}; ids run 0..{len(self.groups) - 1}")
-            erased.add(self._seg_of_group[i])
+        erased = {self._seg_of_group[i] for i in self._known(ids)}
         fed = [False] * len(self.segments)
         for seg in self.segments:  # segments are in topological order
             if seg.id in erased:
@@ -263,6 +260,19 @@ class SearchSpace:
                 return f"node '{self.segments[s].nodes[0]}' would lose all of its inputs but still feeds the output"
         return None
 
+    def _known(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as a list, each checked to name a group (a negative id would silently pick one from the end)."""
+        ids = list(ids)
+        n = len(self.groups)
+        unknown = [i for i in ids if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= operator.index(i) < n]
+        if unknown:
+            valid = f"ids run 0..{n - 1}" if n else "it has no GeZIG at all"
+            raise UnknownGroupError(
+                f"no GeZIG with id {', '.join(map(repr, unknown))} in this search space of {type(self.model).__name__}: "
+                f"{valid} (see space.groups)"
+            )
+        return [operator.index(i) for i in ids]
+
     def check_removal(self, ids: Iterable[int]) -> None:
         problem = self.removal_problem(ids)
         if problem is not None:
@@ -271,7 +281,7 @@ class SearchSpace:
     # -- variables -------------------------------------------------------------------
     def tensors(self, group: GeZIG | int) -> list[torch.Tensor]:
         """Views of the group's members in the live parameters."""
-        g = self.groups[group] if isinstance(group, int) else group
+        g = self.groups[self._known([group])[0]] if isinstance(group, int) else group
         out = []
         for m in g.members:
             p = self._params[m.param]
@@ -281,7 +291,7 @@ class SearchSpace:
     @torch.no_grad()
     def zero_(self, ids: Iterable[int]) -> None:
         """Set these groups exactly to zero, in place (in the user's parameters)."""
-        for i in ids:
+        for i in self._known(ids):
             for t in self.tensors(i):
                 t.zero_()
 
