@@ -1,43 +1,55 @@
 """Step 4 of the pipeline: H2SPG, the hierarchical half-space projected gradient.
 
-Paper, section 3.2 and Algorithm 3; DESIGN section 5.  ``H2SPG`` is an ordinary
-``torch.optim.Optimizer`` over the model's own parameters: param_groups, state,
-``step(closure)``, ``state_dict()``; LR schedulers, gradient clipping, AMP grad
-scalers and DDP work with it as with ``torch.optim.SGD`` or ``Adam``.  It runs
-in three phases:
+Paper, section 3.2 and Algorithm 3.  ``H2SPG`` is an ordinary ``torch.optim.Optimizer``
+over the model's own parameters: param_groups, state, ``step(closure)``,
+``state_dict()``; LR schedulers, gradient clipping, AMP grad scalers and DDP work with
+it as with ``torch.optim.SGD`` or ``Adam``.  It runs in three phases:
 
-* ``"warmup"`` (lines 2-7): ``warmup_steps`` plain steps, each also updating an
-  exponential moving average of every GeZIG's redundancy score;
-* selection (line 8), once: the most redundant GeZIGs that keep the removal
-  valid (``SearchSpace.is_valid_removal``, the check the rewrite also uses);
-* ``"hybrid"`` (lines 9-16), ``pruning_steps`` long: plain steps outside the
-  redundant set, a group-lasso step and a half-space projection inside it; at
-  its end every redundant group is exactly zero (the rest are forced);
+* ``"warmup"`` (Algorithm 3, lines 2-7): ``warmup_steps`` plain steps, each also
+  updating an exponential moving average of every GeZIG's redundancy score;
+* selection (line 8), once: the most redundant GeZIGs that form a valid removal
+  (``SearchSpace.select_removal``, which keeps the promise ``target_k`` made);
+* ``"hybrid"`` (lines 9-16), at most ``pruning_steps`` long: plain steps outside the
+  redundant set; inside it a step on f + lambda_g ||x_g|| and the half-space
+  projection; whatever is left at the end of the budget is projected to zero
+  (``forced``), so exactly K groups are zero;
 * ``"pruned"``: plain training goes on with the redundant groups pinned at zero.
 
-The hybrid phase "gradually reduce[s] the magnitudes" of the redundant groups
-(paper, section 3.2): lambda_g is DHSPG's (``dhspg_lambda``) or, when larger, a
-floor that rises as the phase runs out (``lambda_floor``), so that each group
-shrinks steadily to zero by the end of the phase and the half-space projection
-(``epsilon`` 0.5 by default) sets it exactly to zero; the final forced
-projection is left as a safety net and reported in ``forced``.
+``lambda_rule`` chooses lambda_g (``hybrid_lambda``): ``"paper"`` is DHSPG's rule alone
+(``dhspg_lambda``), the half-space projection deciding when a group goes to zero;
+``"deadline"`` (the default, chosen by ``tools/ablate_h2spg.py``, see
+``docs/results.md``) takes the larger of DHSPG's lambda and a floor that rises as the
+budget runs out (``lambda_floor``), so that every group shrinks steadily to zero
+within the budget and none is left to the jump of a forced projection.
 
-The step is one pass over the parameters, tensor by tensor like torch.optim's
-own single-tensor paths (on the CPU these beat its foreach paths): a parameter's
-gradient enters its state, is checked for inf/NaN, and, for a member of a
-redundant group, the inner products ||x||^2, x.d (and ||d||^2 where x.d < 0) are
-gathered and the group-lasso step taken, all while its tensors are still in the
-CPU's cache.  That step needs lambda_g before the group's first member moves, so
-lambda_g comes from the group's previous pass (one step of lag, ``_scale``); the
-projection test uses this step's own products, gathered with one device sync for
-all groups.  The only state beyond SGD's or Adam's is O(number of GeZIGs): three
-floats per redundant group and one score per group.
+Execution.  The paper's rules are small functions over per-group tensors (one entry
+per GeZIG, on the parameters' device); every step computes them on the device, so a
+step never reads a value back to the host (the counted exceptions: the step that
+selects the redundant set, which sorts the scores on the host).  The per-parameter
+arithmetic has two paths, chosen by ``foreach`` as in torch.optim: a loop over
+tensors (``_single_tensor``, the default on the CPU, where it keeps each tensor in
+cache) and multi-tensor ``torch._foreach_*`` calls over all parameters
+(``_multi_tensor``, the default on CUDA).  Both call the same rules
+(``_hybrid_coefficients``).  A step takes, per redundant member, the inner products
+||x||^2, x.d and ||d||^2 (d: the step direction, the gradient or its momentum / Adam
+variant), sums them per group, computes lambda_g and the projection test from them
+and only then moves the members: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_g||,
+and x~.x = ||x||^2 - lr (lambda_g ||x_g|| + x.d), so a group that the test zeroes is
+written as zero in the same pass (x <- keep a x - keep lr d).
+
+A gradient holding inf or NaN is noticed with one on-device flag (as
+``torch.amp.GradScaler`` does) and raised as ``NonFiniteGradientError``, naming the
+first such parameter and step, at the next synchronisation point: ``check_finite()``,
+``metrics()``, ``state_dict()`` or the selection step.  By then every step since has
+been applied to every parameter: the model and its optimizer state hold non-finite
+values and the way on is the last checkpoint (``state_dict`` refuses to write one
+that holds them).  Under a ``GradScaler`` such steps are skipped before ``step``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -46,125 +58,154 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fxoto.errors import KTooLargeError, NonFiniteGradientError
-from fxoto.space import SearchSpace
+from fxoto.space import SearchSpace, target_k
 
 __all__ = [
-    "H2SPG", "ScoreFn", "dhspg_lambda", "half_space_project", "lambda_floor", "redundancy_score", "select_redundant",
+    "H2SPG", "GroupStats", "ScoreFn", "dhspg_lambda", "half_space_project", "hybrid_lambda", "lambda_floor",
+    "redundancy_score", "reference_score", "select_redundant",
 ]
 
-ScoreFn = Callable[[list[list[Tensor]], list[list[Tensor]]], Tensor]
-"""``score_fn(params, grads)``: ``params[g]`` and ``grads[g]`` are GeZIG g's member tensors
-(views into the live parameters) and their gradients; returns one score per GeZIG, larger
-meaning more redundant (Algorithm 3, line 6)."""
-
 VARIANTS = ("sgd", "adam", "adamw")
-# DHSPG's defaults in the OTO code (DESIGN 5): lambda0, lambda amplify, hat-lambda coefficient.
+LAMBDA_RULES = ("deadline", "paper")
+# DHSPG's defaults in the OTO code: lambda0, lambda amplify, hat-lambda coefficient.
 LAMBDA_DEFAULTS = {"sgd": (1e-3, 2.0, 10.0), "adam": (1e-2, 20.0, 1e3), "adamw": (1e-2, 20.0, 1e3)}
 
 
-# -- the paper's rules, one function each --------------------------------------------------
+# -- the paper's rules, one function each, over per-group tensors ---------------------------
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t if t.dim() == 1 else t.reshape(-1)  # a view where the layout allows
+class GroupStats(NamedTuple):
+    """Sums over each GeZIG's members: float64 vectors with one entry per GeZIG.
 
-
-@torch.no_grad()
-def redundancy_score(params: list[list[Tensor]], grads: list[list[Tensor]]) -> Tensor:
-    """The default redundancy score s_{t,g} of every GeZIG, as DHSPG (Algorithm 3, line 6).
-
-    For group g with n_g variables x_g and gradient grad_g:
-
-    * c_g = <grad_g, x_g> / (||grad_g|| ||x_g||), the cosine between -grad_g and the projection
-      direction -x_g (0 when either is zero): near 1 when descent shrinks the group anyway;
-    * m_g = ||x_g||_2 / sqrt(n_g), the group's average (root-mean-square) magnitude;
-    * s_g = c_g / ||c||_2 + (1 / m_g) / ||1 / m||_2,
-
-    each term normalised over all groups by its Euclidean norm, as the OTO code does for DHSPG
-    (which weighs both halves by 0.5, the same ranking).  Larger means more redundant.
-    Returns a float64 tensor on the CPU.
+    ``v`` is what the score reads: the raw gradient, or the optimizer's step direction
+    for a score function whose ``on`` attribute is ``"direction"``.
     """
-    if not params:
-        return torch.zeros(0, dtype=torch.float64)
-    rows = []
-    for xs, gs in zip(params, grads):
-        parts = [torch.stack([torch.dot(fx, fx), torch.dot(fx, fg), torch.dot(fg, fg)]).double()
-                 for fx, fg in ((_flat(x), _flat(g)) for x, g in zip(xs, gs))]
-        rows.append(torch.stack(parts).sum(0).cpu())
-    xx, xg, gg = torch.stack(rows).unbind(1)
-    numel = torch.tensor([float(sum(x.numel() for x in xs)) for xs in params], dtype=torch.float64)
-    denom = (xx * gg).sqrt()
-    cos = torch.where(denom > 0, xg / denom.clamp_min(1e-300), torch.zeros_like(denom))
-    inverse_magnitude = 1.0 / (xx / numel).sqrt().clamp_min(1e-12)
-    return cos / cos.norm().clamp_min(1e-12) + inverse_magnitude / inverse_magnitude.norm()
+
+    xx: Tensor  # ||x_g||^2
+    xv: Tensor  # x_g . v_g
+    vv: Tensor  # ||v_g||^2
+    numel: Tensor  # n_g, the group's number of variables
+
+
+ScoreFn = Callable[[GroupStats], Tensor]
+"""``score_fn(stats)``: one score per GeZIG from its ``GroupStats``, larger meaning more
+redundant (Algorithm 3, line 6).  Runs on the device every warm-up step: tensor
+arithmetic only, no host reads.  Its ``on`` attribute (``"gradient"`` when absent) says
+whether ``v`` is the gradient or the optimizer's step direction."""
+
+
+def _cosine(stats: GroupStats) -> Tensor:
+    """cos(-v_g, -x_g), 0 where either is zero."""
+    denom = (stats.xx * stats.vv).sqrt()
+    return torch.where(denom > 0, stats.xv / denom.clamp_min(1e-300), 0.0)
+
+
+def _unit(t: Tensor) -> Tensor:
+    return t / t.norm().clamp_min(1e-300)
+
+
+def redundancy_score(stats: GroupStats) -> Tensor:
+    """fxoto's default redundancy score (Algorithm 3, line 6), on the raw gradient.
+
+    s_g = c_g / ||c|| + (1 / m_g) / ||1 / m||, where c_g = cos(-grad_g, -x_g) (near 1 when
+    descent shrinks the group anyway; 0 when either is zero) and m_g = ||x_g|| / sqrt(n_g),
+    the group's root-mean-square magnitude, so that groups of different sizes compare
+    by their typical variable.  Each term is normalised over all groups by its Euclidean
+    norm.  This differs from the OTO code's DHSPG score (``reference_score``) in the
+    magnitude (RMS, not ||x_g|| / n_g) and in reading the gradient rather than the
+    optimizer's direction; ``tools/ablate_h2spg.py`` measures both.
+    """
+    magnitude = (stats.xx / stats.numel).sqrt()
+    return _unit(_cosine(stats)) + _unit(1.0 / magnitude.clamp_min(1e-12))
+
+
+redundancy_score.on = "gradient"
+
+
+def reference_score(stats: GroupStats) -> Tensor:
+    """The OTO code's DHSPG redundancy score, for comparison (``score_fn=reference_score``).
+
+    s_g = 0.5 c_g / ||c|| + 0.5 (1 / m_g) / ||1 / m|| with c_g = cos(-d_g, -x_g) on the
+    optimizer's step direction d_g (momentum / Adam) and m_g = ||x_g|| / n_g, the
+    group's norm divided by its size (which favours removing large groups).
+    """
+    magnitude = stats.xx.sqrt() / stats.numel
+    return 0.5 * _unit(_cosine(stats)) + 0.5 * _unit(1.0 / magnitude.clamp_min(1e-12))
+
+
+reference_score.on = "direction"
 
 
 def select_redundant(space: SearchSpace, scores: Tensor, K: int) -> list[int]:
     """Algorithm 3, line 8 (paper, Figure 2): the redundant group candidates G_r.
 
-    Walks the GeZIGs from the largest score down (ties by id), accepting a group only if the
-    set stays a valid removal, until K are accepted.  Returns their ids in that order.
+    The K GeZIGs most redundant by ``scores`` (ties by id) that form a valid removal
+    (``SearchSpace.select_removal``): whenever ``target_k`` accepted K, K are found.
+    Returns their ids in the order they were accepted.
     """
     order = sorted(range(len(space.groups)), key=lambda g: (-float(scores[g]), g))
-    chosen = space.greedy_removal(order, K)
+    chosen = space.select_removal(order, K)
     if len(chosen) < K:
         raise KTooLargeError(
-            f"H2SPG needs K={K} redundant GeZIGs but, walking the {len(order)} GeZIGs of "
-            f"{type(space.model).__name__} from the most redundant, only {len(chosen)} ({chosen}) can be erased "
-            f"together while the output stays fed from the input. Choose K <= {len(chosen)}, or a score "
-            f"function that ranks a larger valid removal first."
+            f"H2SPG needs K={K} redundant GeZIGs but only {len(chosen)} ({chosen}) of the {len(order)} GeZIGs "
+            f"of {type(space.model).__name__} can be erased together while the output stays fed from the input. "
+            f"Choose K <= {len(space.greedy_max_removal())}."
         )
     return chosen
 
 
-def dhspg_lambda(x_norm: float, x_dot_d: float, d_sq: float, lambda0: float, amplify: float, hat: float) -> float:
+def dhspg_lambda(x_norm: Tensor, x_dot_d: Tensor, d_sq: Tensor, lambda0: float, amplify: float,
+                 hat: float) -> Tensor:
     """Algorithm 3, line 13: the group-lasso coefficient lambda_g, chosen as DHSPG does.
 
-    ``d`` is the group's step direction (gradient or its momentum/Adam variant).  When
+    ``d`` is the group's step direction (gradient or its momentum / Adam variant).  When
     x.d >= 0 a plain step already shrinks the group: lambda0.  Otherwise lambda must exceed
     lb = -(x.d)/||x|| for the mixed direction d + lambda x/||x|| to shrink ||x||, and stay below
     ub = -||d||^2 ||x|| / (x.d) for it to remain a descent direction of f: the amplified lower
     bound clipped to [lambda0, lambda0 * hat], or (lb + ub) / 2 when that reaches ub.
+    Elementwise over groups; entries with ||x|| = 0 are meaningless (such groups are zero).
     """
-    if x_dot_d >= 0.0:
-        return lambda0
-    lb = -x_dot_d / x_norm
-    ub = -d_sq * x_norm / x_dot_d
-    lam = min(max(amplify * lb, lambda0), lambda0 * hat)
-    return (lb + ub) / 2.0 if lam >= ub else lam
+    lb = -x_dot_d / x_norm.clamp_min(1e-300)
+    ub = -d_sq * x_norm / x_dot_d.clamp_max(-1e-300)
+    lam = (amplify * lb).clamp(lambda0, lambda0 * hat)
+    lam = torch.where(lam >= ub, (lb + ub) / 2.0, lam)
+    return torch.where(x_dot_d >= 0, lambda0, lam)
 
 
-def lambda_floor(x_norm: float, lr: float, steps_left: int) -> float:
-    """The least lambda_g of a redundant group in the hybrid phase: 2 ||x_g|| / (lr * steps_left).
+def lambda_floor(x_norm: Tensor, lr: Tensor | float, steps_left: int) -> Tensor:
+    """The least lambda_g of the ``"deadline"`` rule: 2 ||x_g|| / (lr * steps_left).
 
-    DHSPG's lambda_g (``dhspg_lambda``) keeps d + lambda_g x/||x|| a descent direction of f, so
-    a group that f wants nonzero only shrinks until the two pulls balance, short of zero.
-    DHSPG has no deadline; H2SPG must have every redundant group at zero when its
-    ``pruning_steps`` end (DESIGN 5).  Left to the final projection, that is a jump in the loss
-    as large as the groups still are.  With this floor the group-lasso term alone scales x_g by
-    1 - 2/s when s steps of the phase are left (``steps_left``, this one included), so lambda_g
-    rises as the phase runs out and ||x_g|| decays like (s / pruning_steps)^2: to 1% of its
-    size with a tenth of the phase left, while the rest of the network adapts.  The step
-    carries x_g to, then past, zero in the last two steps, where the half-space projection
-    (line 15) catches it.  ``lr`` is the group's learning rate; with none, no floor.
+    DHSPG's lambda_g keeps d + lambda_g x/||x|| a descent direction of f, so a group that
+    f wants nonzero only shrinks until the two pulls balance, short of zero.  DHSPG has no
+    deadline; with this floor the group-lasso term alone scales x_g by 1 - 2/s when s steps
+    of the budget are left (``steps_left``, this one included), so lambda_g rises as the
+    budget runs out and ||x_g|| decays like (s / pruning_steps)^2, reaching zero with two
+    steps left, where the half-space projection (line 15) catches it.  ``lr`` is the group's
+    learning rate; where it is 0, no floor.
     """
-    return 2.0 * x_norm / (lr * steps_left) if lr > 0.0 else 0.0
+    lr = torch.as_tensor(lr, dtype=x_norm.dtype, device=x_norm.device)
+    return torch.where(lr > 0, 2.0 * x_norm / (lr.clamp_min(1e-300) * steps_left), 0.0)
 
 
-@torch.no_grad()
-def half_space_project(group: Sequence[Tensor], new_dot_old: float, old_sq: float, epsilon: float) -> bool:
-    """Algorithm 3, line 15: the half-space projection of one group's trial iterate.
+def hybrid_lambda(rule: str, x_norm: Tensor, x_dot_d: Tensor, d_sq: Tensor, lr: Tensor, steps_left: int,
+                  lambda0: float, amplify: float, hat: float) -> Tensor:
+    """lambda_g of every group for one hybrid step: DHSPG's (``"paper"``) or, under
+    ``"deadline"``, the larger of DHSPG's and ``lambda_floor``."""
+    lam = dhspg_lambda(x_norm, x_dot_d, d_sq, lambda0, amplify, hat)
+    if rule == "deadline":
+        lam = torch.maximum(lam, lambda_floor(x_norm, lr, steps_left))
+    return lam
 
-    ``group`` holds the trial iterate x~_g (in place); ``new_dot_old`` is x~_g . x_g and
-    ``old_sq`` is ||x_g||^2 for the iterate x_g before the step.  When x~_g . x_g < epsilon
-    ||x_g||^2, x~_g has left the half-space around x_g and the group is set exactly to zero.
-    Returns whether it was.
+
+def half_space_project(new_dot_old: Tensor, old_sq: Tensor, epsilon: float) -> Tensor:
+    """Algorithm 3, line 15: which groups the half-space projection sets to zero.
+
+    ``new_dot_old`` is x~_g . x_g for the trial iterate x~_g and ``old_sq`` is ||x_g||^2
+    for the iterate x_g before the step.  When x~_g . x_g < epsilon ||x_g||^2, x~_g has
+    left the half-space around x_g and the group goes to zero; a group already at zero
+    stays there.  Returns a boolean tensor, True for the groups projected to zero.
     """
-    if new_dot_old < epsilon * old_sq:
-        for t in group:
-            t.zero_()
-        return True
-    return False
+    return (new_dot_old < epsilon * old_sq) | (old_sq <= 0)
 
 
 # -- the optimizer ----------------------------------------------------------------------------
@@ -183,36 +224,57 @@ class _Part(NamedTuple):
         return t if self.dim is None else t.narrow(self.dim, self.start, self.length)
 
 
+class _Plan(NamedTuple):
+    """The members of a set of groups, laid out for one step's reductions and updates.
+
+    ``parts[m]`` is member m (groups in id order, members in order), ``gid[m]`` its group,
+    ``mask`` marks the plan's groups;
+    ``by_param`` maps a parameter's id to its members' indices; ``index[id(p)]`` picks, from
+    a per-member vector with a trailing 1, the coefficient of each of p's elements: an
+    int (p is one whole member) or a long tensor along dim 0 (slices; other rows get the 1).
+    """
+
+    parts: list[_Part]
+    groups: list[int]
+    mask: Tensor
+    gid: Tensor
+    numel: Tensor
+    by_param: dict[int, list[int]]
+    index: dict[int, int | Tensor]
+
+
 class _Direction(NamedTuple):
     """A plain step x <- x - step * num / den (den None: x - step * num).
 
-    ``lr`` is the learning rate: the step direction in the paper's sense is
-    d = (step / lr) * num / den, the gradient or its momentum/Adam variant.
+    The step direction in the paper's sense is d = (step / lr) * num / den.
     """
 
     num: Tensor
     den: Tensor | None
     step: float
     lr: float
-    probe: Tensor  # the first tensor to take the gradient (it, or the state it entered): checked for inf/NaN
+    probe: Tensor  # the first tensor to take the gradient (it, or the state it entered)
 
 
-def _plain_step(p: Tensor, d: _Direction) -> None:
-    """x <- x - step * num / den."""
-    if d.den is None:
-        p.add_(d.num, alpha=-d.step)
-    else:
-        p.addcdiv_(d.num, d.den, value=-d.step)
+def _flat(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
-def _scale_add_(x: Tensor, a: float, v: Tensor, alpha: float) -> None:
-    """x <- a x + alpha v in place.  On one thread and contiguous tensors, one pass over memory:
-    BLAS gemv with v as an n-by-1 matrix, where ``x.mul_(a).add_(v, alpha=alpha)`` reads and
-    writes x twice; gemv runs on one thread, though, so with more the two calls are faster."""
-    if torch.get_num_threads() == 1 and x.is_contiguous() and v.is_contiguous():
-        x.view(-1).addmv_(v.view(-1, 1), v.new_ones(1), beta=a, alpha=alpha)
-    else:
-        x.mul_(a).add_(v, alpha=alpha)
+def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
+    x, v = _flat(x), _flat(v)
+    return [torch.dot(x, x), torch.dot(x, v), torch.dot(v, v)]
+
+
+def _foreach_dots(xs: list[Tensor], vs: list[Tensor]) -> Tensor:
+    """[M, 3]: ||x||^2, x.v, ||v||^2 per pair, from three multi-tensor norms.
+
+    x.v = (||x + v||^2 - ||x||^2 - ||v||^2) / 2: torch has no multi-tensor inner product;
+    its rounding error is about 1e-7 (||x||^2 + ||v||^2), which moves lambda_g and the
+    projection test by far less than the step itself."""
+    xx = torch.stack(torch._foreach_norm(xs)).double().square()
+    vv = torch.stack(torch._foreach_norm(vs)).double().square()
+    ss = torch.stack(torch._foreach_norm(torch._foreach_add(xs, vs))).double().square()
+    return torch.stack([xx, (ss - xx - vv) / 2.0, vv], 1)
 
 
 class H2SPG(Optimizer):
@@ -228,26 +290,22 @@ class H2SPG(Optimizer):
             ``"adamw"`` (with ``betas``, ``eps``); ``weight_decay`` is L2 (decoupled for adamw).
             The plain steps are those of ``torch.optim.SGD``, ``Adam`` and ``AdamW``.
         warmup_steps: T_w, steps before the redundant groups are selected.
-        pruning_steps: length of the hybrid phase; at its end every redundant group is zero.
+        pruning_steps: the budget of the hybrid phase; at its end every redundant group is zero.
+        lambda_rule: ``"deadline"`` (default) or ``"paper"``; see ``hybrid_lambda``.
         omega: momentum of the redundancy scores' moving average (line 7).
         epsilon: half-space projection threshold in [0, 1) (line 15): a group goes to zero
             once its trial step would remove more than 1 - epsilon of its component along x_g.
-            Default 0.5: with the floor of lambda_g each group crosses zero in the last steps of
-            the phase, where f's pull on a group that small can outweigh the crossing; 0 (the
-            OTO code's default, for DHSPG without a deadline) then left most groups to the
-            forced projection in fxoto's tests, 0.5 none.
+            Default 0.5.
         lambda0, lambda_amplify, hat_lambda_coef: DHSPG's lambda rule (``dhspg_lambda``);
-            defaults 1e-3, 2, 10 for sgd and 1e-2, 20, 1e3 for adam/adamw.  Over the hybrid
-            phase lambda_g is at least ``lambda_floor``, which rises as the phase runs out.
-        score_fn: redundancy score (``ScoreFn``); default ``redundancy_score``.
+            defaults 1e-3, 2, 10 for sgd and 1e-2, 20, 1e3 for adam/adamw.
+        score_fn: redundancy score (``ScoreFn``); default ``redundancy_score``, the OTO
+            code's form is ``reference_score``.
+        foreach: multi-tensor arithmetic; default True on CUDA, False on the CPU.
 
-    Attributes ``redundant`` (the selected GeZIG ids, empty during warm-up), ``scores``,
-    ``phase``, ``forced`` (ids zeroed by the final forced projection) and ``metrics()``
-    report progress.  A gradient holding inf or NaN raises ``NonFiniteGradientError`` naming
-    the parameter, before that parameter moves; the parameters before it in this step have
-    taken the step and it may have entered the parameter's momentum or Adam state, so the way
-    on is the last checkpoint (a ``torch.amp.GradScaler`` skips such steps without calling
-    ``step``).
+    ``redundant`` (the selected GeZIG ids, empty during warm-up), ``scores``, ``phase``,
+    ``forced`` (ids zeroed by the final projection), ``zeroed_at`` (the step at which each
+    redundant group reached zero) and ``metrics()`` report progress; all but ``redundant``
+    and ``phase`` read from the device.
     """
 
     def __init__(
@@ -266,15 +324,19 @@ class H2SPG(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        lambda_rule: str = "deadline",
         omega: float = 0.9,
         epsilon: float = 0.5,
         lambda0: float | None = None,
         lambda_amplify: float | None = None,
         hat_lambda_coef: float | None = None,
         score_fn: ScoreFn | None = None,
+        foreach: bool | None = None,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+        if lambda_rule not in LAMBDA_RULES:
+            raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, not {lambda_rule!r}")
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if not momentum >= 0.0 or not weight_decay >= 0.0 or not eps >= 0.0:
@@ -293,13 +355,12 @@ class H2SPG(Optimizer):
                         weight_decay=weight_decay)
         super().__init__(space.model.parameters() if params is None else params, defaults)
 
-        from fxoto.search import target_k  # here, not at the top: Search.optimizer builds H2SPGs
-
         self.space = space
         self.variant = variant
         self.K = target_k(K, space)  # the one K check, shared with fxoto.search
         self.warmup_steps = warmup_steps
         self.pruning_steps = pruning_steps
+        self.lambda_rule = lambda_rule
         self.omega = omega
         self.epsilon = epsilon
         l0, amp, hat = LAMBDA_DEFAULTS[variant]
@@ -309,7 +370,7 @@ class H2SPG(Optimizer):
         self.score_fn = redundancy_score if score_fn is None else score_fn
 
         named = dict(space.model.named_parameters(remove_duplicate=False))  # the graph's names are the model's
-        self._names = {}
+        self._names: dict[int, str] = {}
         for name, p in named.items():
             self._names.setdefault(id(p), name)
         self._parts = [
@@ -320,17 +381,29 @@ class H2SPG(Optimizer):
             for m, part in zip(g.members, parts):
                 if id(part.param) not in owned:
                     raise ValueError(f"parameter '{m.param}' of GeZIG g{g.id} is not among the optimizer's params")
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"H2SPG's parameters lie on several devices ({sorted(map(str, devices))}); "
+                             f"move the model to one device first")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.foreach = self.device.type == "cuda" if foreach is None else foreach
 
+        n = len(space.groups)
+        vec = dict(dtype=torch.float64, device=self.device)
         self._step = 0  # steps taken: t in Algorithm 3
-        self._scores = torch.zeros(len(space.groups), dtype=torch.float64)  # s_g, line 7
+        self._scores = torch.zeros(n, **vec)  # s_g, line 7
         self._redundant: list[int] | None = None  # G_r, None until selected (line 8)
-        self._zero: set[int] = set()  # redundant groups projected to zero and pinned there
-        self._forced: list[int] = []
-        self._lambdas: dict[int, float] = {}
-        self._stats: dict[int, tuple[float, float, float | None]] = {}  # hot g: ||x||^2, x.d, ||d||^2 of its last pass
-        self._pinned_plan: tuple[set[int], list[_Part]] | None = None
-        self._group_of: tuple[list[dict], dict[int, dict]] | None = None
-        self._members_of: tuple[tuple[int, ...], dict[int, list[tuple[int, _Part]]]] | None = None
+        self._zero = torch.zeros(n, dtype=torch.bool, device=self.device)  # redundant groups at zero, pinned
+        self._zeroed_at = torch.full((n,), -1, dtype=torch.long, device=self.device)
+        self._forced = torch.zeros(n, dtype=torch.bool, device=self.device)
+        self._lambda = torch.zeros(n, **vec)
+        self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first non-finite: step, param
+        self._all = self._plan(range(n))
+        self._hot: _Plan | None = None
+        self._settled = False  # every redundant group zero and its state cleared (the pruned phase)
+        self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
+        self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self._counts: dict[int, int] = {}  # Adam's step count per parameter (id), on the host
 
     # -- what a user reads ----------------------------------------------------------------
     @property
@@ -346,39 +419,85 @@ class H2SPG(Optimizer):
     @property
     def forced(self) -> list[int]:
         """Redundant groups that the final projection at the end of the hybrid phase had to zero."""
-        return list(self._forced)
+        mask = self._forced.tolist()
+        return [g for g in self.redundant if mask[g]]
+
+    @property
+    def zeroed_at(self) -> dict[int, int]:
+        """The step (counted from 0) at which each redundant group reached zero, by group id."""
+        at = self._zeroed_at.tolist()
+        return {g: at[g] for g in self.redundant if at[g] >= 0}
 
     @property
     def lambdas(self) -> dict[int, float]:
-        """lambda_g of the last hybrid step, by group id, for the groups not yet zero."""
-        return dict(self._lambdas)
+        """lambda_g of the last hybrid step, by group id, for the redundant groups not yet zero."""
+        lam, zero = self._lambda.tolist(), self._zero.tolist()
+        return {g: lam[g] for g in self.redundant if not zero[g]} if self.phase == "hybrid" else {}
 
     @property
     def phase(self) -> str:
         """``"warmup"``, ``"hybrid"`` or ``"pruned"`` (redundant groups pinned at zero)."""
         if self._redundant is None:
             return "warmup"
-        return "hybrid" if self._step < self.warmup_steps + self.pruning_steps else "pruned"
+        return "pruned" if self._settled or self._step >= self.warmup_steps + self.pruning_steps else "hybrid"
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteGradientError`` if a gradient held inf or NaN since the start.
+
+        One read from the device.  Also ends the hybrid phase early once every redundant
+        group is zero (under ``lambda_rule="paper"`` the projection may finish before the
+        budget does)."""
+        step, index = self._bad.tolist()
+        if step >= 0:
+            name = self._names.get(id(self._order[index]), "?")
+            since = self._step - step - 1
+            raise NonFiniteGradientError(
+                f"the gradient of parameter '{name}' held inf or NaN at step {step}; that step"
+                + (f" and the {since} after it" if since else "")
+                + " moved every parameter with it, so the model and the optimizer state now hold non-finite "
+                f"values: restore the last checkpoint. Lower the learning rate, check the loss for overflow, or "
+                f"train with torch.amp.GradScaler, which skips such steps."
+            )
+        if self.phase == "hybrid" and bool(self._zero[self._redundant].all()):
+            self._settle()
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Any]:
         """Progress now: step, phase, zero groups and group sparsity, norms of the important
-        (G_r^C) and redundant (G_r) groups, and how many groups were forced to zero."""
+        (G_r^C) and redundant (G_r) groups, and how many groups were forced to zero.  Reads
+        from the device once (and checks for non-finite gradients)."""
+        self.check_finite()
         n = len(self.space.groups)
-        sq = [sum(float(torch.dot(_flat(t), _flat(t))) for t in self.space.tensors(g)) for g in range(n)]
-        red = set(self.redundant)
-        zero = len(self.space.zero_groups())
+        xs = [_flat(part.of(part.param)) for part in self._all.parts]
+        sq = torch.zeros(n, dtype=torch.float64, device=self.device)
+        if xs:
+            sq.index_add_(0, self._all.gid, torch.stack(torch._foreach_norm(xs)).double().square())
+        red = self._hot.mask if self._hot is not None else torch.zeros(n, dtype=torch.bool, device=self.device)
+        zero = self._exact_zero()
+        values = torch.stack([zero.sum().double(), torch.where(red, 0.0, sq).sum().sqrt(),
+                              torch.where(red, sq, 0.0).sum().sqrt(),
+                              self._forced.sum().double()]).tolist()
         return {
             "step": self._step,
             "phase": self.phase,
             "groups": n,
-            "zero_groups": zero,
-            "group_sparsity": zero / n if n else 0.0,
+            "zero_groups": int(values[0]),
+            "group_sparsity": values[0] / n if n else 0.0,
             "redundant": self.redundant,
-            "forced": len(self._forced),
-            "norm_important": math.sqrt(sum(s for g, s in enumerate(sq) if g not in red)),
-            "norm_redundant": math.sqrt(sum(s for g, s in enumerate(sq) if g in red)),
+            "forced": int(values[3]),
+            "norm_important": values[1],
+            "norm_redundant": values[2],
         }
+
+    def _exact_zero(self) -> Tensor:
+        """Which groups are exactly zero now (every member, on the device)."""
+        n = len(self.space.groups)
+        nonzero = torch.zeros(n, dtype=torch.float64, device=self.device)
+        parts = self._all.parts
+        if parts:
+            counts = torch.stack([part.of(part.param).count_nonzero() for part in parts]).double()
+            nonzero.index_add_(0, self._all.gid, counts)
+        return nonzero == 0
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -390,251 +509,331 @@ class H2SPG(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        skip, _ = self._pinned()
+        if self._redundant is None and self.warmup_steps == 0:
+            self._accumulate(self._score_now())
+            self._select()
+        pinned = self._pinned_whole() if self._redundant is not None and self.phase == "pruned" else set()
         work = [(p, p.grad, group) for group in self.param_groups for p in group["params"]
-                if p.grad is not None and id(p) not in skip]
+                if p.grad is not None and id(p) not in pinned]
         if any(grad.is_sparse for _, grad, _ in work):
             raise RuntimeError("H2SPG does not support sparse gradients")
+        for p, _, _ in work:
+            if p.device != self.device:
+                raise ValueError(f"parameter '{self._names.get(id(p), '?')}' is on {p.device}, H2SPG's state on "
+                                 f"{self.device}: build the optimizer after moving the model")
 
-        scores = None
         if self._redundant is None:
-            scores = self._redundancy_scores(work)
-            if self.warmup_steps == 0:
-                self._accumulate(scores)
-                scores = None
-                self._select()
-        hot = [g for g in self._redundant or () if g not in self._zero]
-        self._update(work, hot)
-        if scores is not None:
-            self._accumulate(scores)
+            self._warmup_step(work)
+        elif self.phase == "hybrid":
+            self._hybrid_step(work)
+        else:
+            self._pruned_step(work)
         self._step += 1
         if self._redundant is None and self._step >= self.warmup_steps:
             self._select()
-        elif self._redundant is not None and self._step == self.warmup_steps + self.pruning_steps:
+        elif self._redundant is not None and not self._settled and self._step == self.warmup_steps + self.pruning_steps:
             self._force()
         return loss
 
-    def _check_finite(self, p: Tensor, grad: Tensor, probe: Tensor, stepped: int,
-                      sq: Tensor | None = None) -> None:
-        """Raise, naming the parameter, if its gradient holds inf or NaN.
+    # The three kinds of step.  Each: advance the state and take the plain steps; for the
+    # members of the groups being watched, gather ||x||^2, x.v, ||v||^2 before they move.
 
-        Called as the gradient enters the parameter's optimizer state and before the
-        parameter moves, while the tensors are in the CPU's cache: ``probe`` is the state
-        tensor that took the gradient (the gradient itself where there is none), summed, or
-        ``sq``, an inner product already computed from it; inf or NaN in the gradient makes
-        either non-finite.  ``stepped`` counts the parameters already updated this step.
-        """
-        if sq is None:
-            sq = probe.sum()  # inf or NaN anywhere makes the sum so; the cheapest reduction there is
-        if math.isfinite(float(sq)) or bool(grad.isfinite().all()):
-            return  # finite gradient: the sum or product overflowed, or the state did (the step shows it)
-        name = self._names.get(id(p), "?")
-        state = "" if probe is grad else f", and the optimizer state of '{name}' has taken the gradient"
-        if stepped == 0:
-            done = f"no parameter has moved{state}"
+    def _warmup_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
+        """Lines 4-7: plain steps, and the scores of every GeZIG on x_t before it moves."""
+        on_direction = getattr(self.score_fn, "on", "gradient") == "direction"
+        plan = self._all
+        if self.foreach:
+            dirs, probes = self._multi_tensor_directions(work)
+            dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=on_direction)
+            self._check_probes(work, probes)
+            self._multi_tensor_plain_steps(work, dirs, skip=set())
         else:
-            done = (f"'{name}' and the parameters after it have not moved, but the {stepped} before it in the "
-                    f"optimizer's order had already taken this step{state}: restore the last checkpoint to go on")
-        raise NonFiniteGradientError(
-            f"the gradient of parameter '{name}' holds inf or NaN at step {self._step} ({self.phase} phase); "
-            f"{done}. Lower the learning rate, check the loss for overflow, or train with torch.amp.GradScaler, "
-            f"which skips such steps."
-        )
+            dots_of: dict[int, list[Tensor]] = {}
+            probes = []
+            for p, grad, group in work:
+                members = plan.by_param.get(id(p))
+                d = self._direction(p, grad, group, materialize=members is not None and on_direction)
+                probes.append(d.probe.sum())
+                if members is not None:
+                    for m in members:
+                        part = plan.parts[m]
+                        v = d.num if on_direction else grad
+                        dots_of[m] = _dots(part.of(p), part.of(v)) + [self._direction_scale(d) if on_direction else 1.0]
+                _plain_step(p, d)
+            self._check_probes(work, torch.stack(probes) if probes else None)
+            dots = self._single_tensor_member_dots(plan, dots_of)
+        self._accumulate(self._score(plan, dots))
 
-    def _redundancy_scores(self, work: list[tuple[Tensor, Tensor, dict]]) -> Tensor:
-        """Algorithm 3, line 6: s_{t,g} on x_t and its gradient, before the step moves x_t."""
-        params = [[part.of(part.param) for part in parts] for parts in self._parts]
-        grads = [[part.of(part.param.grad) if part.param.grad is not None else torch.zeros_like(part.of(part.param))
-                  for part in parts] for parts in self._parts]
-        s = torch.as_tensor(self.score_fn(params, grads)).detach().to("cpu", torch.float64).reshape(-1)
-        if s.numel() != len(self._parts) or not bool(s.isfinite().all()):
-            for p, grad, _ in work:  # a non-finite gradient is the likely cause
-                self._check_finite(p, grad, grad, 0)
-            raise ValueError(f"score_fn must return {len(self._parts)} finite scores, one per GeZIG; got {s.tolist()}")
-        return s
+    def _hybrid_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
+        """Lines 11-16: plain steps outside G_r; inside it, x <- keep (a x - lr d) with lambda_g
+        and the projection test computed from this step's inner products."""
+        plan = self._hot
+        if self.foreach:
+            dirs, probes = self._multi_tensor_directions(work, materialize=plan.by_param)
+            dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=True)
+            self._check_probes(work, probes)
+            self._multi_tensor_plain_steps(work, dirs, skip=plan.by_param)
+            held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
+        else:
+            held: list[tuple[Tensor, _Direction]] = []
+            dots_of: dict[int, list[Tensor]] = {}
+            probes = []
+            for p, grad, group in work:
+                members = plan.by_param.get(id(p))
+                d = self._direction(p, grad, group, materialize=members is not None)
+                probes.append(d.probe.sum())
+                if members is None:
+                    _plain_step(p, d)
+                    continue
+                for m in members:
+                    part = plan.parts[m]
+                    dots_of[m] = _dots(part.of(p), part.of(d.num)) + [self._direction_scale(d)]
+                held.append((p, d))
+            self._check_probes(work, torch.stack(probes) if probes else None)
+            dots = self._single_tensor_member_dots(plan, dots_of)
+        a, b = self._hybrid_coefficients(plan, dots)
+        for p, d in held:
+            _scaled_step(p, d, a, b, plan.index[id(p)])
+        moved = {id(p) for p, _ in held}
+        for key, ms in plan.by_param.items():  # no gradient: f does not move them, the lasso term still does
+            if key not in moved:
+                _scaled_step(plan.parts[ms[0]].param, None, a, b, plan.index[key])
+
+    def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
+        """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
+        in ``work`` at all, their slices are set back to zero with their state."""
+        if self.foreach:
+            dirs, probes = self._multi_tensor_directions(work)
+            self._check_probes(work, probes)
+            self._multi_tensor_plain_steps(work, dirs, skip=set())
+        else:
+            probes = []
+            for p, grad, group in work:
+                d = self._direction(p, grad, group)
+                probes.append(d.probe.sum())
+                _plain_step(p, d)
+            self._check_probes(work, torch.stack(probes) if probes else None)
+        self._rezero(self._hot, whole=False)
+
+    # -- the rules applied to a step's inner products (shared by both paths) ------------------
+
+    def _hybrid_coefficients(self, plan: _Plan, dots: Tensor) -> tuple[Tensor, Tensor]:
+        """Lines 13-15 for every hot group, on the device.  ``dots`` is [M, 4] per member:
+        ||x||^2, x.num, ||num||^2 and c = step / lr (so d = c num).  Returns per-member
+        vectors (with a trailing 1 for elements outside the plan) of a = keep (1 - lr_m
+        lambda_g / ||x_g||) and b = keep: the step is then x <- a x - step b num."""
+        n = len(self.space.groups)
+        lr = self._member_lr(plan)
+        c = dots[:, 3]
+        x_sq, x_d, d_sq = dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c
+        sums = torch.zeros(n, 5, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, plan.gid, torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1))
+        xx, xd, dd, lr_xx, lr_xd = sums.unbind(1)
+        norm = xx.sqrt()
+        lr_g = torch.zeros(n, dtype=torch.float64, device=self.device).scatter_reduce_(0, plan.gid, lr, "amax")
+        steps_left = self.warmup_steps + self.pruning_steps - self._step
+        lam = hybrid_lambda(self.lambda_rule, norm, xd, dd, lr_g, steps_left, self.lambda0, self.lambda_amplify,
+                            self.hat_lambda_coef)
+        scale = torch.where(norm > 0, lam / norm.clamp_min(1e-300), 0.0)
+        # x~.x = sum over members of (1 - lr_m lambda_g / ||x_g||) ||x_m||^2 - lr_m x_m.d_m
+        new_dot_old = xx - scale * lr_xx - lr_xd
+        hot = plan.mask
+        newly = hot & ~self._zero & half_space_project(new_dot_old, xx, self.epsilon)
+        self._zeroed_at.masked_fill_(newly, self._step)
+        self._zero |= newly
+        self._lambda = torch.where(hot & ~self._zero, lam, 0.0)
+        keep = (~self._zero).double()[plan.gid]
+        one = torch.ones(1, dtype=torch.float64, device=self.device)
+        a = torch.cat([keep * (1.0 - lr * scale[plan.gid]), one])
+        b = torch.cat([keep, one])
+        return a, b
+
+    def _score(self, plan: _Plan, dots: Tensor) -> Tensor:
+        """Line 6 from the members' inner products: the score function on the group sums."""
+        n = len(self.space.groups)
+        c = dots[:, 3]
+        sums = torch.zeros(n, 3, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, plan.gid, torch.stack([dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c], 1))
+        xx, xv, vv = sums.unbind(1)
+        s = torch.as_tensor(self.score_fn(GroupStats(xx, xv, vv, plan.numel)))
+        return s.to(self.device, torch.float64).reshape(-1)
+
+    def _score_now(self) -> Tensor:
+        """Scores on the gradients as they are, without a step (``warmup_steps=0``)."""
+        plan = self._all
+        xs = [part.of(part.param) for part in plan.parts]
+        gs = [part.of(part.param.grad) if part.param.grad is not None else torch.zeros_like(x)
+              for part, x in zip(plan.parts, xs)]
+        dots = torch.stack([torch.stack(_dots(x, g)) for x, g in zip(xs, gs)]).double() if xs else \
+            torch.zeros(0, 3, dtype=torch.float64, device=self.device)
+        return self._score(plan, torch.cat([dots, torch.ones_like(dots[:, :1])], 1))
 
     def _accumulate(self, s: Tensor) -> None:
         """Algorithm 3, line 7: s_g <- omega s_g + (1 - omega) s_{t,g}."""
+        if s.numel() != len(self._parts):
+            raise ValueError(f"score_fn must return {len(self._parts)} finite scores, one per GeZIG; got {s.numel()}")
         self._scores.mul_(self.omega).add_(s, alpha=1.0 - self.omega)
 
     def _select(self) -> None:
-        """Algorithm 3, line 8, on scores every rank agrees on (rank 0's, under DDP)."""
+        """Algorithm 3, line 8, on scores every rank agrees on (rank 0's, under DDP).  One of
+        the two steps that read from the device."""
+        self.check_finite()
+        scores = self._scores.tolist()
+        if not all(math.isfinite(s) for s in scores):
+            raise ValueError(f"score_fn must return {len(self._parts)} finite scores, one per GeZIG; got {scores}")
         if dist.is_available() and dist.is_initialized():
-            box = [self._scores.tolist()]
+            box = [scores]
             dist.broadcast_object_list(box, src=0)
-            self._scores = torch.tensor(box[0], dtype=torch.float64)
-        self._redundant = select_redundant(self.space, self._scores, self.K)
+            scores = box[0]
+            self._scores = torch.tensor(scores, dtype=torch.float64, device=self.device)
+        self._redundant = select_redundant(self.space, torch.tensor(scores, dtype=torch.float64), self.K)
+        self._hot = self._plan(sorted(self._redundant))
         if self.pruning_steps == 0:
             self._force()
 
     def _force(self) -> None:
-        """End of the hybrid phase: project what is left of G_r onto zero, so K is met exactly."""
-        for g in self._redundant or ():
-            if g not in self._zero:
-                for part in self._parts[g]:
-                    part.of(part.param).zero_()
-                self._pin(g)
-                self._forced.append(g)
-        self._lambdas = {}
+        """End of the hybrid budget: project what is left of G_r onto zero, so K is met exactly
+        (no read from the device: the groups still nonzero are recorded in ``_forced``)."""
+        hot = self._hot.mask
+        left = hot & ~self._zero
+        self._forced |= left
+        self._zeroed_at.masked_fill_(left, self._step - 1)
+        self._zero |= hot
+        self._settle()
 
-    def _pin(self, g: int) -> None:
-        """Group g is zero from now on: so is its momentum / Adam state."""
-        for part in self._parts[g]:
-            self._zero_state(part)
-        self._zero.add(g)
-        self._stats.pop(g, None)
-        self._pinned_plan = None
+    def _settle(self) -> None:
+        """Every redundant group is zero: clear its optimizer state; from now on its whole
+        parameters take no step and its slices are set back to zero after each step."""
+        self._rezero(self._hot, whole=True)
+        self._settled = True
+        self._lambda.zero_()
 
-    def _zero_state(self, part: _Part) -> None:
-        """Zero the member's slice of its parameter's momentum / Adam state."""
-        for value in self.state.get(part.param, {}).values():
-            if isinstance(value, Tensor) and value.shape == part.param.shape:
-                part.of(value).zero_()
+    def _pinned_whole(self) -> set[int]:
+        return {id(part.param) for part in self._hot.parts if part.dim is None}
 
-    def _pinned(self) -> tuple[set[int], list[_Part]]:
-        """Parameters wholly inside pinned groups (no step at all) and pinned slices (re-zeroed)."""
-        if self._pinned_plan is None:
-            parts = [part for g in sorted(self._zero) for part in self._parts[g]]
-            self._pinned_plan = ({id(p.param) for p in parts if p.dim is None}, [p for p in parts if p.dim is not None])
-        return self._pinned_plan
-
-    def _update(self, work: list[tuple[Tensor, Tensor, dict]], hot: list[int]) -> None:
-        """Plain steps for everything (lines 5, 12), except that the redundant groups in ``hot``
-        step on f + lambda_g ||x_g|| and are then half-space projected (lines 13-16).
-
-        One pass, parameter by parameter: its gradient is checked, its state advanced and,
-        for a hot group's member, the inner products gathered and the group-lasso step taken,
-        each following the other while the tensors are still in the CPU's cache.  The step
-        x~ = x - lr (d + lambda_g x / ||x_g||) = a_g x - lr d needs lambda_g before the group's
-        first member moves, so lambda_g and the norm it divides by are those of the group's
-        previous pass (``_scale``): one step of lag.  The projection test uses this step's
-        own inner products, gathered before each member moved."""
-        members = self._members(hot)
-        self._lambdas = {}
-        per_norm = {g: self._scale(g) for g in hot}
-        # ||d||^2 only serves lambda's upper bound, needed where x.d < 0: expected where it was last pass
-        want_dd = {g for g in hot if self._stats[g][1] < 0.0}
-        gathered: list[tuple[int, _Part, float, float, float, list[Tensor]]] = []  # g, part, a, step, lr, dots
-        stepped = 0
-        moved = set()
-        for p, grad, group in work:
-            parts = members.get(id(p))
-            if parts is None:
-                d = self._direction(p, grad, group)
-                self._check_finite(p, grad, d.probe, stepped)
-                _plain_step(p, d)
-                stepped += 1
+    def _rezero(self, plan: _Plan, whole: bool) -> None:
+        """Set the redundant members and their optimizer state (momentum, Adam moments) to
+        zero: the sliced members (whose parameter steps as a whole), and the whole ones too
+        when ``whole``."""
+        for part in plan.parts:
+            if part.dim is None and not whole:
                 continue
-            moved.add(id(p))
-            d = self._direction(p, grad, group, materialize=True)
-            whole = parts[0][1].dim is None
-            if not whole:
-                self._check_finite(p, grad, d.probe, stepped)
-            scales = []
-            for g, part in parts:
-                x, v = _flat(part.of(p)), _flat(part.of(d.num))
-                scales.append(1.0 - d.lr * per_norm[g])
-                dots = [torch.dot(x, x), torch.dot(x, v)]
-                if g in want_dd:
-                    dots.append(torch.dot(v, v))
-                gathered.append((g, part, scales[-1], d.step, d.lr, dots))
-            if whole:  # checked through x.d; then x <- a x - step num, in one pass
-                self._check_finite(p, grad, d.probe, stepped, sq=dots[1])
-                _scale_add_(p, scales[0], d.num, -d.step)
-            else:  # slices: scale each, then the parameter's plain step
-                for (_, part), a in zip(parts, scales):
-                    if a != 1.0:
-                        part.of(p).mul_(a)
-                _plain_step(p, d)
-            stepped += 1
-        for key, parts in members.items():  # no gradient: f does not move them, the lasso term still does
-            if key in moved:
-                continue
-            for g, part in parts:
-                lr = self._lr_of(part.param)
-                x = _flat(part.of(part.param))
-                a = 1.0 - lr * per_norm[g]
-                gathered.append((g, part, a, 0.0, lr, [torch.dot(x, x)]))
-                part.of(part.param).mul_(a)
-        self._project(hot, gathered, want_dd)
-        for part in self._pinned()[1]:
-            part.of(part.param).zero_()
-            self._zero_state(part)
+            for t in [part.param, *(v for v in self.state.get(part.param, {}).values()
+                                    if isinstance(v, Tensor) and v.shape == part.param.shape)]:
+                part.of(t).zero_()
 
-    def _members(self, hot: list[int]) -> dict[int, list[tuple[int, _Part]]]:
-        """The hot groups' members by parameter (id): kept while the hot set stays the same."""
-        key = tuple(hot)
-        if self._members_of is None or self._members_of[0] != key:
-            members: dict[int, list[tuple[int, _Part]]] = {}
-            for g in hot:
-                for part in self._parts[g]:
-                    members.setdefault(id(part.param), []).append((g, part))
-            self._members_of = (key, members)
-        return self._members_of[1]
+    # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _lr_of(self, p: Tensor) -> float:
-        """The learning rate of p's param group now (schedulers change it)."""
-        cached = self._group_of
-        if (cached is None or len(cached[0]) != len(self.param_groups)
-                or any(a is not b for a, b in zip(cached[0], self.param_groups))):  # add_param_group, load_state_dict
-            self._group_of = (list(self.param_groups),
-                              {id(q): group for group in self.param_groups for q in group["params"]})
-        return self._group_of[1][id(p)]["lr"]
-
-    def _scale(self, g: int) -> float:
-        """lambda_g / ||x_g|| for hot group g's step (line 13), from its previous pass: the larger
-        of DHSPG's lambda (``dhspg_lambda``) and the floor of the hybrid phase (``lambda_floor``).
-
-        ``_stats[g]`` holds ||x_g||^2, x_g.d_g and ||d_g||^2 (None where not gathered) from the
-        group's previous pass; the floor takes the group's learning rate now.  On its first
-        hybrid step a group has none: its lambda is then DHSPG's for x.d >= 0 (lambda0) or the
-        floor, with ||x_g|| measured now.  ||d_g||^2 only serves DHSPG's upper bound on lambda, needed where
-        x.d < 0; it is gathered where x.d was negative the pass before, so for one step after
-        x.d turns negative the bound is not applied."""
-        if g not in self._stats:
-            xx = sum(float(torch.dot(x, x)) for x in (_flat(part.of(part.param)) for part in self._parts[g]))
-            self._stats[g] = (xx, 0.0, None)
-        xx, xd, dd = self._stats[g]
-        if xx <= 0.0:
-            return 0.0
-        lr_g = max(self._lr_of(part.param) for part in self._parts[g])
-        norm = math.sqrt(xx)
-        steps_left = self.warmup_steps + self.pruning_steps - self._step
-        lam = max(dhspg_lambda(norm, xd, math.inf if dd is None else dd, self.lambda0, self.lambda_amplify,
-                               self.hat_lambda_coef),
-                  lambda_floor(norm, lr_g, steps_left))
-        self._lambdas[g] = lam
-        return lam / norm
-
-    def _project(self, hot: list[int], gathered: list[tuple[int, _Part, float, float, float, list[Tensor]]],
-                 want_dd: set[int]) -> None:
-        """Line 15 for every hot group, from the inner products gathered in the pass (one device
-        sync): x~_g . x_g = sum over members of a ||x||^2 - step x.num.  Keeps each surviving
-        group's ||x_g||^2, x_g.d_g and ||d_g||^2 (if in ``want_dd``) for its next step (``_scale``)."""
-        flat = [t for *_, dots in gathered for t in dots]
-        values = iter(torch.stack(flat).double().tolist() if flat else [])
-        sums: dict[int, list] = {g: [0.0, 0.0, 0.0, 0.0] for g in hot}  # ||x||^2, x.d, ||d||^2, x~.x
-        for g, _, a, step, lr, dots in gathered:
-            s = sums[g]
-            scale = step / lr if lr else 1.0  # d = (step / lr) num
-            x_sq = next(values)
-            x_num = next(values) if len(dots) > 1 else 0.0  # a member without gradient has ||x||^2 only
-            if len(dots) > 2:
-                s[2] += next(values) * scale * scale
-            s[0] += x_sq
-            s[1] += x_num * scale
-            s[3] += a * x_sq - step * x_num
-        for g in hot:
-            xx, xd, dd, new_dot_old = sums[g]
-            group = (part.of(part.param) for part in self._parts[g])
-            if xx == 0.0:  # already at zero, where the group-lasso subgradient step keeps it
-                for t in group:
-                    t.zero_()
-                self._pin(g)
-            elif half_space_project(group, new_dot_old, xx, self.epsilon):
-                self._pin(g)
+    def _plan(self, groups: Iterable[int]) -> _Plan:
+        parts, gid, by_param, numel = [], [], {}, []
+        groups = list(groups)
+        for g in groups:
+            for part in self._parts[g]:
+                by_param.setdefault(id(part.param), []).append(len(parts))
+                parts.append(part)
+                gid.append(g)
+        n = len(self.space.groups)
+        sizes = torch.zeros(n, dtype=torch.float64)
+        for g in groups:
+            sizes[g] = float(self.space.groups[g].numel)
+        index: dict[int, int | Tensor] = {}
+        for key, ms in by_param.items():
+            first = parts[ms[0]]
+            if first.dim is None:
+                index[key] = ms[0]
             else:
-                self._stats[g] = (xx, xd, dd if g in want_dd else None)
+                rows = torch.full((first.param.shape[first.dim],), len(parts), dtype=torch.long)
+                for m in ms:
+                    rows[parts[m].start:parts[m].start + parts[m].length] = m
+                index[key] = rows.to(self.device)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[groups] = True
+        return _Plan(parts, groups, mask.to(self.device), torch.tensor(gid, dtype=torch.long, device=self.device),
+                     sizes.to(self.device), by_param, index)
+
+    def _member_lr(self, plan: _Plan) -> Tensor:
+        """Each member's learning rate now (schedulers change it), as a device vector, rebuilt
+        only when a learning rate changed."""
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        lrs = tuple(group_of[id(part.param)]["lr"] for part in plan.parts)
+        cached = getattr(self, "_lr_cache", None)
+        if cached is None or cached[0] != lrs:
+            self._lr_cache = (lrs, torch.tensor(lrs, dtype=torch.float64).to(self.device, non_blocking=True))
+        return self._lr_cache[1]
+
+    def _single_tensor_member_dots(self, plan: _Plan, dots_of: dict[int, list]) -> Tensor:
+        """[M, 4] from the loop's per-member inner products (a member without gradient: its
+        ||x||^2 only, measured now)."""
+        rows = []
+        for m, part in enumerate(plan.parts):
+            got = dots_of.get(m)
+            if got is None:
+                x = _flat(part.of(part.param))
+                zero = x.new_zeros(())
+                got = [torch.dot(x, x), zero, zero, 1.0]
+            *three, c = got
+            rows.append(torch.stack(three))
+        if not rows:
+            return torch.zeros(0, 4, dtype=torch.float64, device=self.device)
+        c = [dots_of[m][3] if m in dots_of else 1.0 for m in range(len(plan.parts))]
+        cs = torch.tensor(c, dtype=torch.float64).to(self.device, non_blocking=True)
+        return torch.cat([torch.stack(rows).double(), cs[:, None]], 1)
+
+    def _multi_tensor_member_dots(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
+        """[M, 4] with multi-tensor norms (``_foreach_dots``)."""
+        if not plan.parts:
+            return torch.zeros(0, 4, dtype=torch.float64, device=self.device)
+        of = {id(p): (grad, d) for (p, grad, _), d in zip(work, dirs)}
+        xs, vs, cs = [], [], []
+        for part in plan.parts:
+            grad, d = of.get(id(part.param), (None, None))
+            x = part.of(part.param)
+            if d is None:
+                v, c = torch.zeros_like(x), 1.0
+            elif use_direction:
+                v, c = part.of(d.num), self._direction_scale(d)
+            else:
+                v, c = part.of(grad), 1.0
+            xs.append(_flat(x))
+            vs.append(_flat(v))
+            cs.append(c)
+        dots = _foreach_dots(xs, vs)
+        cs = torch.tensor(cs, dtype=torch.float64).to(self.device, non_blocking=True)
+        return torch.cat([dots, cs[:, None]], 1)
+
+    def _count(self, p: Tensor) -> int:
+        """Advance p's Adam step count and return it.  The state keeps it as torch.optim's Adam
+        does (a float tensor on the CPU); the step reads a copy kept on the host (``_counts``),
+        taken from the state once after loading."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        count = self._counts.get(id(p))
+        count = (int(state["step"]) if count is None else count) + 1
+        self._counts[id(p)] = count
+        state["step"].add_(1.0)
+        return count
+
+    @staticmethod
+    def _direction_scale(d: _Direction) -> float:
+        return d.step / d.lr if d.lr else 1.0
+
+    def _check_probes(self, work, probes: Tensor | None) -> None:
+        """Record, on the device, the first step and parameter whose gradient was not finite."""
+        if probes is None:
+            return
+        key = tuple(id(p) for p, _, _ in work)
+        if self._position_cache is None or self._position_cache[0] != key:
+            self._order = [p for group in self.param_groups for p in group["params"]]
+            where = {id(p): i for i, p in enumerate(self._order)}
+            self._position_cache = (key, torch.tensor([where[k] for k in key], dtype=torch.long).to(self.device))
+        bad = ~probes.isfinite()
+        first = torch.stack([torch.tensor(self._step, device=self.device), self._position_cache[1][bad.int().argmax()]])
+        self._bad = torch.where((self._bad[0] < 0) & bad.any(), first, self._bad)
+
+    # -- the plain steps: torch.optim's SGD, Adam and AdamW -------------------------------------
 
     def _direction(self, p: Tensor, grad: Tensor, group: dict, materialize: bool = False) -> _Direction:
         """Advance p's state by its gradient and return its plain step x <- x - step * num / den:
@@ -657,11 +856,7 @@ class H2SPG(Optimizer):
             return _Direction(g, None, lr, lr, buf if momentum != 0 else grad)
 
         beta1, beta2 = group["betas"]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+        step = self._count(p)
         g = grad
         if wd != 0:
             if self.variant == "adamw":
@@ -671,17 +866,103 @@ class H2SPG(Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        step = float(state["step"])
         denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(group["eps"])
         step_size = lr / (1.0 - beta1**step)
         if materialize:
             return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr, exp_avg)
         return _Direction(exp_avg, denom, step_size, lr, exp_avg)
 
+    def _multi_tensor_directions(self, work, materialize=()) -> tuple[list[_Direction], Tensor | None]:
+        """``_direction`` for every parameter at once, with ``torch._foreach_*`` per param group
+        (torch.optim's multi-tensor SGD, Adam and AdamW).  Returns the directions and one
+        probe value per parameter (a norm: inf or NaN when the gradient was not finite)."""
+        dirs: list[_Direction | None] = [None] * len(work)
+        by_group: dict[int, list[int]] = {}
+        for i, (_, _, group) in enumerate(work):
+            by_group.setdefault(id(group), []).append(i)
+        for idx in by_group.values():
+            group = work[idx[0]][2]
+            ps = [work[i][0] for i in idx]
+            grads = [work[i][1] for i in idx]
+            lr, wd = group["lr"], group["weight_decay"]
+            if self.variant == "sgd":
+                gs = grads if wd == 0 else torch._foreach_add(grads, ps, alpha=wd)
+                momentum = group["momentum"]
+                if momentum == 0:
+                    for i, g, grad in zip(idx, gs, grads):
+                        dirs[i] = _Direction(g, None, lr, lr, grad)
+                    continue
+                bufs = []
+                fresh = []
+                for p, g in zip(ps, gs):
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:
+                        buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
+                        fresh.append(len(bufs))
+                    bufs.append(buf)
+                old = [k for k in range(len(bufs)) if k not in set(fresh)]
+                if old:
+                    ob, og = [bufs[k] for k in old], [gs[k] for k in old]
+                    torch._foreach_mul_(ob, momentum)
+                    torch._foreach_add_(ob, og, alpha=1.0 - group["dampening"])
+                nums = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
+                for i, num, buf in zip(idx, nums, bufs):
+                    dirs[i] = _Direction(num, None, lr, lr, buf)
+                continue
+            beta1, beta2 = group["betas"]
+            steps = [self._count(p) for p in ps]
+            if wd != 0:
+                if self.variant == "adamw":
+                    torch._foreach_mul_(ps, 1.0 - lr * wd)
+                    gs = grads
+                else:
+                    gs = torch._foreach_add(grads, ps, alpha=wd)
+            else:
+                gs = grads
+            avgs = [self.state[p]["exp_avg"] for p in ps]
+            sqs = [self.state[p]["exp_avg_sq"] for p in ps]
+            torch._foreach_lerp_(avgs, gs, 1.0 - beta1)
+            torch._foreach_mul_(sqs, beta2)
+            torch._foreach_addcmul_(sqs, gs, gs, value=1.0 - beta2)
+            dens = torch._foreach_sqrt(sqs)
+            torch._foreach_div_(dens, [math.sqrt(1.0 - beta2**s) for s in steps])
+            torch._foreach_add_(dens, group["eps"])
+            for i, p, avg, den, s in zip(idx, ps, avgs, dens, steps):
+                step_size = lr / (1.0 - beta1**s)
+                dirs[i] = _Direction(avg, den, step_size, lr, avg)
+        want = [i for i, (p, _, _) in enumerate(work) if id(p) in materialize and dirs[i].den is not None]
+        if want:
+            nums = torch._foreach_div([dirs[i].num for i in want], [dirs[i].den for i in want])
+            for i, num in zip(want, nums):
+                dirs[i] = dirs[i]._replace(num=num, den=None)
+        probes = torch.stack(torch._foreach_norm([d.probe for d in dirs])) if dirs else None
+        return dirs, probes
+
+    def _multi_tensor_plain_steps(self, work, dirs: list[_Direction], skip) -> None:
+        """x <- x - step * num / den for every parameter not in ``skip``, in multi-tensor calls."""
+        added: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        divided: list[tuple[Tensor, _Direction]] = []
+        for (p, _, _), d in zip(work, dirs):
+            if id(p) in skip:
+                continue
+            if d.den is None:
+                ps, nums = added.setdefault(d.step, ([], []))
+                ps.append(p)
+                nums.append(d.num)
+            else:
+                divided.append((p, d))
+        for step, (ps, nums) in added.items():
+            torch._foreach_add_(ps, nums, alpha=-step)
+        if divided:
+            torch._foreach_addcdiv_([p for p, _ in divided], [d.num for _, d in divided],
+                                    [d.den for _, d in divided], [-d.step for _, d in divided])
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus an ``"h2spg"`` entry: step counter, scores, the
-        redundant set, pinned and forced groups, and the H2SPG settings."""
+        redundant set, zero and forced groups, and the H2SPG settings.  Refuses to write a
+        state that a non-finite gradient has reached (``check_finite``)."""
+        self.check_finite()
         sd = super().state_dict()
         sd["h2spg"] = {
             "groups": len(self._parts),
@@ -689,6 +970,7 @@ class H2SPG(Optimizer):
             "K": self.K,
             "warmup_steps": self.warmup_steps,
             "pruning_steps": self.pruning_steps,
+            "lambda_rule": self.lambda_rule,
             "omega": self.omega,
             "epsilon": self.epsilon,
             "lambda0": self.lambda0,
@@ -697,14 +979,16 @@ class H2SPG(Optimizer):
             "step": self._step,
             "scores": self._scores.clone(),
             "redundant": None if self._redundant is None else list(self._redundant),
-            "zero": sorted(self._zero),
-            "forced": list(self._forced),
-            "stats": {g: list(s) for g, s in self._stats.items()},
+            "zero": self._zero.clone(),
+            "zeroed_at": self._zeroed_at.clone(),
+            "forced": self._forced.clone(),
+            "settled": self._settled,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict()``; like param_groups, its settings replace the constructor's."""
+        """Restore a ``state_dict()`` (written on any device: its tensors move to the
+        parameters'); like param_groups, its settings replace the constructor's."""
         state_dict = dict(state_dict)
         h = state_dict.pop("h2spg", None)
         if h is None:
@@ -715,14 +999,40 @@ class H2SPG(Optimizer):
                 f"{len(self._parts)} GeZIGs with variant {self.variant!r}"
             )
         super().load_state_dict(state_dict)
-        for key in ("K", "warmup_steps", "pruning_steps", "omega", "epsilon", "lambda0", "lambda_amplify",
-                    "hat_lambda_coef"):
+        for key in ("K", "warmup_steps", "pruning_steps", "lambda_rule", "omega", "epsilon", "lambda0",
+                    "lambda_amplify", "hat_lambda_coef"):
             setattr(self, key, h[key])
         self._step = h["step"]
-        self._scores = h["scores"].clone().to("cpu", torch.float64)
+        self._scores = h["scores"].to(self.device, torch.float64).clone()
         self._redundant = None if h["redundant"] is None else list(h["redundant"])
-        self._zero = set(h["zero"])
-        self._forced = list(h["forced"])
-        self._stats = {int(g): tuple(s) for g, s in h.get("stats", {}).items()}
-        self._lambdas = {}
-        self._pinned_plan = None
+        self._zero = h["zero"].to(self.device).clone()
+        self._zeroed_at = h["zeroed_at"].to(self.device).clone()
+        self._forced = h["forced"].to(self.device).clone()
+        self._settled = h["settled"]
+        self._hot = None if self._redundant is None else self._plan(sorted(self._redundant))
+        self._lambda = torch.zeros_like(self._scores)
+        self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
+        self._position_cache = None
+        self._counts = {}
+
+
+def _plain_step(p: Tensor, d: _Direction) -> None:
+    """x <- x - step * num / den."""
+    if d.den is None:
+        p.add_(d.num, alpha=-d.step)
+    else:
+        p.addcdiv_(d.num, d.den, value=-d.step)
+
+
+def _scaled_step(p: Tensor, d: _Direction | None, a: Tensor, b: Tensor, index: int | Tensor) -> None:
+    """x <- a x - step b num for a parameter holding members (x <- a x where it has no
+    gradient, ``d`` None): ``a``, ``b`` are per-member vectors with a trailing 1, ``index``
+    picks each element's entry (``_Plan.index``)."""
+    if isinstance(index, int):
+        ai, bi = a[index], b[index]
+    else:
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        ai, bi = a[index].view(shape), b[index].view(shape)
+    p.mul_(ai.to(p.dtype))
+    if d is not None:
+        p.addcmul_(d.num, bi.to(p.dtype), value=-d.step)

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from fxoto.errors import KTooLargeError, NoSearchSpaceError
+from fxoto.errors import NoSearchSpaceError
 from fxoto.roles import DEFAULT_TABLE, OpTable
 from fxoto.segments import annotate_rules, cut_segments
-from fxoto.space import SearchSpace, find_gezigs
+from fxoto.space import SearchSpace, find_gezigs, resolve_k, target_k  # noqa: F401 (resolve_k: re-exported)
 from fxoto.trace import trace
 
 
@@ -28,37 +28,6 @@ def build_space(
     segments = cut_segments(graph)
     groups, excluded = find_gezigs(graph, model, segments)
     return SearchSpace(model, graph, segments, groups, excluded)
-
-
-def resolve_k(K: int | float, space: SearchSpace) -> int:
-    """K as a count: an int, or a float in (0, 1) as a fraction of the GeZIGs."""
-    n = len(space.groups)
-    if isinstance(K, bool) or not isinstance(K, (int, float)):
-        raise TypeError(f"K must be an int count or a float fraction in (0, 1), not {K!r}")
-    if isinstance(K, float):
-        if not 0.0 < K < 1.0:
-            raise ValueError(f"a fractional K must lie in (0, 1); got {K}")
-        return max(1, round(K * n))
-    if K < 0:
-        raise ValueError(f"K must be >= 0; got {K}")
-    return K
-
-
-def target_k(K: int | float, space: SearchSpace) -> int:
-    """K as a count, refused with ``KTooLargeError`` when no valid removal is that large."""
-    k = resolve_k(K, space)
-    n = len(space.groups)
-    name = type(space.model).__name__
-    if k > n:
-        raise KTooLargeError(f"K={K} asks for {k} zero groups but {name} has only {n} GeZIGs")
-    largest = space.greedy_max_removal()
-    if k > len(largest):
-        raise KTooLargeError(
-            f"K={k} is larger than any valid removal fxoto found in {name}: at most {len(largest)} of its "
-            f"{n} GeZIGs can be erased together while the output stays fed from the input (erasing more "
-            f"would leave a joint with no input). Choose K <= {len(largest)}."
-        )
-    return k
 
 
 class Search:
@@ -88,17 +57,33 @@ class Search:
         self.opt = H2SPG(self.space, self.K, lr, **kwargs)
         return self.opt
 
-    def fit(self, train_loader, loss_fn, epochs: int, val_loader=None, **kwargs):
+    def fit(self, train_loader, loss_fn, epochs: int, val_loader=None, device=None, amp=None, **kwargs):
         """Train with H2SPG (created with run-length defaults if ``.optimizer()`` was not called).
 
-        Keyword arguments go to ``fxoto.train.fit``: ``scheduler``,
-        ``checkpoint_dir``, ``resume``, ``progress``.
-        """
-        from fxoto.train import fit
+        ``device``: where to train (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``); the model is
+        moved there before the optimizer is created (or with its state, if it exists). Default: the
+        model's device. Batches are moved to it as they come. ``amp``: ``"bf16"`` or ``"fp16"`` for
+        mixed precision. Under a process group of several ranks (``torchrun``), training runs in
+        ``DistributedDataParallel`` on each rank's share of the loaders, and the run-length
+        defaults count this rank's share of ``train_loader``.
 
+        Other keyword arguments go to ``fxoto.train.fit``: ``scheduler``, ``checkpoint_dir``,
+        ``resume``, ``progress``, ``stream``, ``log_every``, ``map_location``.
+        """
+        from fxoto import distributed
+        from fxoto.train import fit, resolve_device
+
+        distributed.check_model(self.model, self.space)
+        if device is not None:
+            device = resolve_device(device)
+            if self.opt is None:
+                self.model.to(device)
+        if distributed.world_size() > 1:
+            train_loader = distributed.shard_train_loader(train_loader)
         if self.opt is None:
             self.optimizer(total_steps=epochs * len(train_loader))
-        self.history = fit(self.model, self.opt, train_loader, loss_fn, epochs, val_loader=val_loader, **kwargs)
+        self.history = fit(self.model, self.opt, train_loader, loss_fn, epochs, val_loader=val_loader,
+                           device=device, amp=amp, **kwargs)
         return self.history
 
     def subnet(self):

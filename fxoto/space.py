@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.errors import InvalidRemovalError, UnknownGroupError
+from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
 from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
+
+
+PAIRS_TRIED = 2000  # select_removal's pair search: validity checks cost O(segments) each
 
 
 @dataclass(frozen=True)
@@ -313,8 +317,9 @@ class SearchSpace:
     def greedy_removal(self, order: Iterable[int], limit: int | None = None) -> list[int]:
         """Walk ``order``, keeping each group while the removal stays valid, up to ``limit``.
 
-        The one greedy walk behind H2SPG's selection (most redundant first),
-        ``sample_removal`` and ``greedy_max_removal``.
+        Every prefix of the result is itself a valid removal (each group was
+        accepted on top of the ones before it).  The walk behind
+        ``sample_removal``, ``greedy_max_removal`` and ``select_removal``.
         """
         chosen: list[int] = []
         for i in order:
@@ -322,6 +327,47 @@ class SearchSpace:
                 break
             if self.is_valid_removal(chosen + [i]):
                 chosen.append(i)
+        return chosen
+
+    def select_removal(self, order: Sequence[int], k: int) -> list[int]:
+        """A valid removal of exactly ``k`` groups, preferring the front of ``order``.
+
+        Validity is not monotone: a group that cannot go alone may go together with
+        another (both branches of an ``add`` erased is invalid until the segment
+        after the ``add`` goes too).  So one walk in ``order`` can stop short of
+        ``k`` where a valid removal of ``k`` exists.  The search goes on in three
+        steps, each taken only when the one before fell short:
+
+        1. walk ``order`` again and again, each pass offering the groups left over,
+           until a pass adds nothing;
+        2. then offer pairs of left-over groups (in ``order``, the first ``PAIRS_TRIED``
+           pairs), a pair going in together when neither fits alone;
+        3. then fall back to the first ``k`` groups of ``greedy_max_removal``'s walk,
+           the removal ``target_k`` accepted ``k`` on: every prefix of a greedy
+           walk is valid, so this always succeeds when ``target_k`` accepted ``k``.
+
+        Returns the ids in the order they were accepted; fewer than ``k`` only when
+        ``k`` exceeds what ``target_k`` would accept.
+        """
+        order = list(order)
+        chosen = self.greedy_removal(order, k)
+        while len(chosen) < k:
+            more = self.greedy_removal([i for i in order if i not in chosen], None)
+            grown = self.greedy_removal(chosen + more, k)
+            if len(grown) == len(chosen):
+                break
+            chosen = grown
+        while len(chosen) + 2 <= k:
+            rest = [i for i in order if i not in chosen]
+            pairs = itertools.islice(((a, b) for n, a in enumerate(rest) for b in rest[n + 1:]), PAIRS_TRIED)
+            pair = next((ab for ab in pairs if self.is_valid_removal(chosen + list(ab))), None)
+            if pair is None:
+                break
+            chosen = self.greedy_removal(chosen + list(pair) + [i for i in rest if i not in pair], k)
+        if len(chosen) < k:
+            self.greedy_max_removal()
+            if len(self._largest) >= k:
+                return list(self._largest[:k])
         return chosen
 
     def sample_removal(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
@@ -334,16 +380,53 @@ class SearchSpace:
         return self.greedy_removal(order, max(1, int(fraction * len(order))))
 
     def greedy_max_removal(self) -> list[int]:
-        """A large valid removal found greedily (a lower bound on the largest one).
+        """A large valid removal found greedily (a lower bound on the largest one), sorted.
 
-        Computed once: the groups and the graph never change (``fxoto.search``
-        and H2SPG both check K against it; on DARTS one walk takes a second).
+        Computed once: the groups and the graph never change (``target_k`` checks K
+        against it and ``select_removal`` falls back on its walk; on DARTS one walk
+        takes a second).  ``_largest`` keeps the walk's own order, whose prefixes are
+        valid removals.
         """
         if self._largest is None:
             n = len(self.groups)
             orders = (range(n), reversed(range(n)))
-            self._largest = sorted(max((self.greedy_removal(order) for order in orders), key=len))
-        return list(self._largest)
+            self._largest = max((self.greedy_removal(order) for order in orders), key=len)
+        return sorted(self._largest)
 
     def __repr__(self) -> str:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
+
+
+def resolve_k(K: int | float, space: SearchSpace) -> int:
+    """K as a count: an int, or a float in (0, 1) as a fraction of the GeZIGs."""
+    n = len(space.groups)
+    if isinstance(K, bool) or not isinstance(K, (int, float)):
+        raise TypeError(f"K must be an int count or a float fraction in (0, 1), not {K!r}")
+    if isinstance(K, float):
+        if not 0.0 < K < 1.0:
+            raise ValueError(f"a fractional K must lie in (0, 1); got {K}")
+        return max(1, round(K * n))
+    if K < 0:
+        raise ValueError(f"K must be >= 0; got {K}")
+    return K
+
+
+def target_k(K: int | float, space: SearchSpace) -> int:
+    """K as a count, refused with ``KTooLargeError`` when no valid removal is that large.
+
+    Accepting K is a promise: ``SearchSpace.select_removal`` then finds K groups that
+    form a valid removal, whatever order the redundancy scores put them in.
+    """
+    k = resolve_k(K, space)
+    n = len(space.groups)
+    name = type(space.model).__name__
+    if k > n:
+        raise KTooLargeError(f"K={K} asks for {k} zero groups but {name} has only {n} GeZIGs")
+    largest = space.greedy_max_removal()
+    if k > len(largest):
+        raise KTooLargeError(
+            f"K={k} is larger than any valid removal fxoto found in {name}: at most {len(largest)} of its "
+            f"{n} GeZIGs can be erased together while the output stays fed from the input (erasing more "
+            f"would leave a joint with no input). Choose K <= {len(largest)}."
+        )
+    return k

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
-from fxoto.optimizer import H2SPG, dhspg_lambda, half_space_project, lambda_floor, redundancy_score, select_redundant
+from fxoto.optimizer import (H2SPG, GroupStats, dhspg_lambda, half_space_project, lambda_floor, redundancy_score,
+                             reference_score, select_redundant)
 from fxoto.zoo import DemoSupNet
 from strategies import supernets
 
@@ -56,7 +57,7 @@ def train(model, opt, data):
 
 
 def fixed_scores(*scores):
-    return lambda params, grads: torch.tensor(scores, dtype=torch.float64)
+    return lambda stats: torch.tensor(scores, dtype=torch.float64)
 
 
 def test_demosupnet_gezigs_are_the_papers():
@@ -71,12 +72,28 @@ def test_demosupnet_gezigs_are_the_papers():
 def test_redundancy_score_by_hand():
     # Group a: x = (1, 0), gradient along x: cosine 1, RMS magnitude sqrt(1/2).
     # Group b: x = (2, 0), gradient against x: cosine -1, RMS magnitude sqrt(2).
-    a, b = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])
-    s = redundancy_score([[a], [b]], [[torch.tensor([3.0, 0.0])], [torch.tensor([-1.0, 0.0])]])
-    cos = torch.tensor([1.0, -1.0], dtype=torch.float64) / math.sqrt(2)
-    inv = torch.tensor([math.sqrt(2), 1 / math.sqrt(2)], dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    stats = GroupStats(xx=torch.tensor([1.0, 4.0], **f64), xv=torch.tensor([3.0, -2.0], **f64),
+                       vv=torch.tensor([9.0, 1.0], **f64), numel=torch.tensor([2.0, 2.0], **f64))
+    s = redundancy_score(stats)
+    cos = torch.tensor([1.0, -1.0], **f64) / math.sqrt(2)
+    inv = torch.tensor([math.sqrt(2), 1 / math.sqrt(2)], **f64)
     assert torch.allclose(s, cos + inv / inv.norm(), atol=1e-7)
     assert s[0] > s[1]
+
+
+def test_reference_score_by_hand():
+    # The OTO code's form: magnitude ||x_g|| / n_g, halves weighted 0.5.  Group a: ||x|| = 1 over
+    # 1 variable; group b: ||x|| = 4 over 8 variables: ||x|| / n is 1 against 1/2, so b is the
+    # more redundant, where the RMS score (1 against sqrt(2)) ranks a first.
+    f64 = dict(dtype=torch.float64)
+    stats = GroupStats(xx=torch.tensor([1.0, 16.0], **f64), xv=torch.zeros(2, **f64), vv=torch.ones(2, **f64),
+                       numel=torch.tensor([1.0, 8.0], **f64))
+    inv = torch.tensor([1.0, 2.0], **f64)
+    assert torch.allclose(reference_score(stats), 0.5 * inv / inv.norm())
+    assert reference_score(stats)[1] > reference_score(stats)[0]
+    assert redundancy_score(stats)[0] > redundancy_score(stats)[1]
+    assert reference_score.on == "direction" and redundancy_score.on == "gradient"
 
 
 @given(st.lists(st.floats(-3, 3), min_size=4, max_size=4), st.lists(st.floats(-3, 3), min_size=4, max_size=4))
@@ -84,7 +101,7 @@ def test_dhspg_lambda_keeps_a_descent_direction(x, d):
     x, d = torch.tensor(x, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
     if x.norm() < 1e-3 or d.norm() < 1e-3:
         return
-    lam = dhspg_lambda(float(x.norm()), float(x @ d), float(d @ d), 1e-2, 20.0, 1e3)
+    lam = float(dhspg_lambda(x.norm()[None], (x @ d)[None], (d @ d)[None], 1e-2, 20.0, 1e3))
     mixed = d + lam * x / x.norm()
     assert float(d @ mixed) > -1e-9  # still a descent direction of f
     if float(x @ d) >= 0:
@@ -97,23 +114,21 @@ def test_dhspg_lambda_keeps_a_descent_direction(x, d):
 
 
 def test_half_space_project():
-    group = [torch.ones(3), torch.ones(2)]
-    assert not half_space_project(group, new_dot_old=4.0, old_sq=5.0, epsilon=0.5)
-    assert all(bool(t.all()) for t in group)
-    assert half_space_project(group, new_dot_old=2.0, old_sq=5.0, epsilon=0.5)
-    assert all(not t.any() for t in group)
+    zero = half_space_project(torch.tensor([4.0, 2.0, -1.0, 0.0]), torch.tensor([5.0, 5.0, 5.0, 0.0]), epsilon=0.5)
+    assert zero.tolist() == [False, True, True, True]  # inside, outside, behind the origin, already zero
 
 
 def test_lambda_floor_reaches_zero_as_the_phase_ends():
     # The group-lasso term alone, lambda_g at the floor: ||x_g|| decays like (steps left / T)^2,
     # reaches zero with two steps left and would cross it on the last.
-    lr, steps, norm = 0.1, 100, 3.0
+    lr, steps, norm = 0.1, 100, torch.tensor(3.0, dtype=torch.float64)
     for left in range(steps, 2, -1):
-        norm *= 1 - lr * lambda_floor(norm, lr, left) / norm
+        norm = norm * (1 - lr * lambda_floor(norm, lr, left) / norm)
         if left == steps // 10 + 1:
-            assert norm == pytest.approx(3.0 * (steps // 10) * (steps // 10 - 1) / (steps * (steps - 1)))
-    assert 1 - lr * lambda_floor(norm, lr, 2) / norm == 0.0 and 1 - lr * lambda_floor(norm, lr, 1) / norm == -1.0
-    assert lambda_floor(norm, 0.0, 5) == 0.0
+            assert float(norm) == pytest.approx(3.0 * (steps // 10) * (steps // 10 - 1) / (steps * (steps - 1)))
+    assert float(1 - lr * lambda_floor(norm, lr, 2) / norm) == 0.0
+    assert float(1 - lr * lambda_floor(norm, lr, 1) / norm) == -1.0
+    assert float(lambda_floor(norm, 0.0, 5)) == 0.0
 
 
 # -- selection and the hierarchy (Algorithm 3, line 8; paper, Figure 2) ------------------------
@@ -424,53 +439,58 @@ def test_k_too_large():
 
 
 def test_non_finite_gradient_names_the_parameter():
-    # Each gradient is checked as it enters its parameter's optimizer state, before the
-    # parameter moves: the error names it; it and every parameter after it have not moved.
+    # The step reads nothing back from the device: an inf or NaN gradient is recorded there and
+    # raised at the next synchronisation point (check_finite, metrics, state_dict, the selection),
+    # naming the first such parameter and step; by then the step has moved every parameter.
     model, space = demo()
-    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1)
-    x, y = batches(1)[0]
-    F.cross_entropy(model(x), y).backward()
-    names = [name for name, _ in model.named_parameters()]
+    opt = H2SPG(space, 3, 0.1, warmup_steps=5, pruning_steps=1)
+    data = batches(3)
+    train(model, opt, data[:1])
+    opt.check_finite()  # nothing to say
+    opt.zero_grad()
+    F.cross_entropy(model(data[1][0]), data[1][1]).backward()
     model.conv7.weight.grad[0, 0, 0, 0] = float("nan")
-    before = [p.detach().clone() for p in model.parameters()]
-    at = names.index("conv7.weight")
+    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # a later parameter is named only if it comes first
+    opt.step()
+    assert not model.conv7.weight.isfinite().all()  # the step was taken
+    train(model, opt, data[2:])
     with pytest.raises(fxoto.NonFiniteGradientError,
-                       match=rf"'conv7\.weight' holds inf or NaN at step 0 \(warmup phase\); 'conv7\.weight' and the "
-                             rf"parameters after it have not moved, but the {at} before it .* had already taken this "
-                             rf"step, and the optimizer state of 'conv7\.weight' has taken the gradient: restore"):
-        opt.step()
-    after = list(model.parameters())
-    assert all(not torch.equal(p, q) for p, q in zip(after[:at], before[:at]))
-    assert all(torch.equal(p, q) for p, q in zip(after[at:], before[at:]))
-    assert not any(p in opt.state for p in after[at + 1:]) and opt.metrics()["step"] == 0
-
-    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # the first parameter: none moves
-    before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv1\.weight'.*; no parameter has moved, and the "
-                                                           r"optimizer state of 'conv1\.weight' has taken"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-
-    plain = H2SPG(space, 3, 0.1, momentum=0.0, warmup_steps=1, pruning_steps=1)  # no state: nothing changes
-    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv1\.weight'.*; no parameter has moved\. Lower"):
-        plain.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not any(plain.state.values())
+                       match=r"parameter 'conv1\.weight' held inf or NaN at step 1; that step and the 1 after it moved "
+                             r"every parameter .* restore the last checkpoint"):
+        opt.check_finite()
+    for sync in (opt.metrics, opt.state_dict):  # a checkpoint of non-finite values is never written
+        with pytest.raises(fxoto.NonFiniteGradientError, match="conv1"):
+            sync()
 
 
-def test_non_finite_gradient_in_a_redundant_group_during_the_hybrid_phase():
-    # A redundant group's member is checked through x.d, gathered before it moves.
+def test_non_finite_gradient_stops_the_selection():
+    # The selection step reads the scores: a non-finite gradient during warm-up is raised there.
     model, space = demo()
-    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=5, score_fn=fixed_scores(0, 0, 1, 0, 2))
+    opt = H2SPG(space, 3, 0.1, warmup_steps=2, pruning_steps=5)
+    data = batches(2)
+    train(model, opt, data[:1])
+    opt.zero_grad()
+    F.cross_entropy(model(data[1][0]), data[1][1]).backward()
+    model.conv8.weight.grad[-1].fill_(float("nan"))
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv8\.weight' held inf or NaN at step 1; that step moved"):
+        opt.step()
+    assert opt.phase == "warmup"
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_non_finite_gradient_in_a_redundant_group_during_the_hybrid_phase(foreach):
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=5, score_fn=fixed_scores(0, 0, 1, 0, 2), foreach=foreach)
     data = batches(2)
     train(model, opt, data[:1])
     assert opt.phase == "hybrid" and opt.redundant == [G8, G4, G2]
     opt.zero_grad()
     F.cross_entropy(model(data[1][0]), data[1][1]).backward()
     model.conv8.weight.grad[-1].fill_(float("nan"))
-    weight = model.conv8.weight.detach().clone()
-    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv8\.weight'.*\(hybrid phase\); 'conv8\.weight' and"):
-        opt.step()
-    assert torch.equal(model.conv8.weight, weight) and opt.metrics()["step"] == 1
+    opt.step()
+    with pytest.raises(fxoto.NonFiniteGradientError, match=r"'conv8\.weight' held inf or NaN at step 1 .*hybrid|"
+                                                          r"'conv8\.weight' held inf or NaN at step 1; that step moved"):
+        opt.metrics()
 
 
 def test_bad_score_fn_and_settings():
@@ -480,6 +500,11 @@ def test_bad_score_fn_and_settings():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match="5 finite scores"):
         opt.step()
+    nan = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1, score_fn=fixed_scores(1, 2, float("nan"), 0, 0))
+    with pytest.raises(ValueError, match="5 finite scores"):
+        nan.step()
+    with pytest.raises(ValueError, match="lambda_rule"):
+        H2SPG(space, 3, 0.1, lambda_rule="hesso", warmup_steps=1, pruning_steps=1)
     with pytest.raises(ValueError, match="variant"):
         H2SPG(space, 3, 0.1, variant="rmsprop", warmup_steps=1, pruning_steps=1)
     with pytest.raises(ValueError, match="epsilon"):
