@@ -352,8 +352,7 @@ class SearchSpace:
         order = list(order)
         chosen = self.greedy_removal(order, k)
         while len(chosen) < k:
-            more = self.greedy_removal([i for i in order if i not in chosen], None)
-            grown = self.greedy_removal(chosen + more, k)
+            grown = self.greedy_removal(chosen + [i for i in order if i not in chosen], k)
             if len(grown) == len(chosen):
                 break
             chosen = grown

@@ -173,11 +173,36 @@ def test_selection_on_random_supernets_is_a_valid_removal(net, data):
     scores = torch.tensor(data.draw(st.lists(st.floats(-5, 5), min_size=n, max_size=n)), dtype=torch.float64)
     most = len(space.greedy_max_removal())
     K = data.draw(st.integers(min(1, most), most))
-    try:
-        chosen = select_redundant(space, scores, K)
-    except fxoto.KTooLargeError:
-        return  # this ranking blocks itself before K: said so, not papered over
-    assert len(chosen) == K and space.is_valid_removal(chosen)
+    assert fxoto.space.target_k(K, space) == K  # accepted up front ...
+    chosen = select_redundant(space, scores, K)  # ... so delivered, whatever the scores' order
+    assert len(chosen) == K and len(set(chosen)) == K and space.is_valid_removal(chosen)
+
+
+class TwoBranchesThenOne(nn.Module):
+    """h = a1(x) + a3(x); y = b(h) + x: a1 and a3 can go together only if b goes too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a3, self.b = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        return self.b(self.a1(x) + self.a3(x)) + x
+
+
+@pytest.mark.parametrize("scores", [(3, 2, 1), (1, 3, 2), (2, 1, 3)])
+def test_an_accepted_k_is_delivered_when_one_walk_gets_stuck(scores):
+    # Walking a1, a3, b: a3 cannot join a1 until b is gone; one greedy walk found only 2 of K=3.
+    torch.manual_seed(0)
+    model = TwoBranchesThenOne()
+    x = torch.randn(2, 4, 6, 6)
+    space = fxoto.build_space(model, (x,))
+    assert len(space.groups) == 3 and not space.is_valid_removal([0, 1])
+    opt = H2SPG(space, 3, 0.05, warmup_steps=2, pruning_steps=3, score_fn=fixed_scores(*scores))
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert sorted(opt.redundant) == [0, 1, 2] and space.zero_groups() == [0, 1, 2]
 
 
 # -- the target, met exactly; the sub-network equals the super-network ----------------------
