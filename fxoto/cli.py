@@ -2,6 +2,11 @@
 
 Every failure a user can cause (unknown model, missing data, K too large, a
 model fx cannot trace) ends in one clear line on stderr and exit status 2.
+
+``demo`` and ``search`` train on ``--device`` (auto: CUDA when available) with
+``--amp`` mixed precision. Started by ``torchrun --nproc-per-node N -m fxoto search ...``
+they train with DistributedDataParallel: one process group from torchrun's environment,
+one GPU per process (``cuda:LOCAL_RANK``) or gloo on the CPU, one report from rank 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 import fxoto
+from fxoto import distributed
 from fxoto.errors import FxotoError
 
 
@@ -64,25 +70,43 @@ def _inspect(args) -> int:
 
 def _search(args) -> int:
     from fxoto.pipeline import run_search
+    from fxoto.train import resolve_device
 
-    model, example = load_model(args.model)
-    result = run_search(
-        model=model, example=example, data=args.data, data_root=args.data_root,
-        download=args.download, K=_parse_k(args.K), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, variant=args.variant, out=Path(args.out), resume=args.resume, seed=args.seed,
-    )
-    print(result.report)
-    print(f"outputs in {args.out}")
+    device = resolve_device(args.device, distributed.local_rank())
+    with distributed.process_group(device):
+        model, example = load_model(args.model)
+        result = run_search(
+            model=model, example=example, data=args.data, data_root=args.data_root,
+            download=args.download, K=_parse_k(args.K), epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, variant=args.variant, out=Path(args.out), resume=args.resume, seed=args.seed,
+            device=device, amp=args.amp,
+        )
+    if result.report_data is not None:
+        print(result.report)
+        print(f"outputs in {args.out}")
     return 0
 
 
 def _demo(args) -> int:
     from fxoto.pipeline import run_demo
+    from fxoto.train import resolve_device
 
-    result = run_demo(out=Path(args.out), epochs=args.epochs, quick=args.quick, seed=args.seed)
-    print(result.report)
-    print(f"outputs in {args.out}")
+    device = resolve_device(args.device, distributed.local_rank())
+    with distributed.process_group(device):
+        result = run_demo(out=Path(args.out), epochs=args.epochs, quick=args.quick, seed=args.seed, device=device,
+                          amp=args.amp)
+    if result.report_data is not None:
+        print(result.report)
+        print(f"outputs in {args.out}")
     return 0
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun, auto and cuda "
+                             "mean cuda:LOCAL_RANK (default: auto)")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                        help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (default: none)")
 
 
 def _parse_k(text: str) -> int | float:
@@ -102,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: 5, or 1 with --quick)")
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by the tests)")
     demo.add_argument("--seed", type=int, default=0)
+    _add_training_options(demo)
     demo.set_defaults(func=_demo)
 
     inspect = sub.add_parser("inspect", help="print a model's search space and draw its dependency graph")
@@ -116,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--download", action="store_true", help="download the dataset into --data-root")
     search.add_argument("--K", required=True, help="groups to remove: a count, or a fraction like 0.5")
     search.add_argument("--epochs", type=int, default=5)
-    search.add_argument("--batch-size", type=int, default=64)
+    search.add_argument("--batch-size", type=int, default=64,
+                        help="global batch size, split evenly among the processes under torchrun (default: 64)")
     search.add_argument("--lr", type=float, default=None, help="learning rate (default by variant)")
     search.add_argument("--variant", default="sgd", choices=["sgd", "adam", "adamw"])
     search.add_argument("--out", default="out/search", help="output folder")
     search.add_argument("--resume", default=None, help="checkpoint to continue from")
     search.add_argument("--seed", type=int, default=0)
+    _add_training_options(search)
     search.set_defaults(func=_search)
     return parser
 

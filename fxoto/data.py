@@ -5,22 +5,31 @@ SuperResNet on CIFAR-10 (Table 1 and 2). Those come through ``torchvision.datase
 root, and are downloaded only when asked. The default, ``"digits"``, is scikit-learn's copy of
 the UCI hand-written digits (1,797 grey 8x8 images, 10 classes): it ships with scikit-learn, so
 it needs neither a network nor a data root.
+
+``make_loader`` builds fxoto's own loaders: shuffled by ``DistributedSampler``'s rule (a
+permutation drawn from seed + epoch, the same on every rank), sharded across the processes of a
+``torchrun`` job, and with pinned memory when the batches go to a CUDA device. ``to_device`` and
+``DeviceLoader`` move batches to the model's device.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from fxoto.errors import FxotoError
 
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
+    "DeviceLoader",
     "get_dataset",
     "load_digits_split",
+    "make_loader",
+    "to_device",
     "torchvision_dataset",
 ]
 
@@ -130,3 +139,59 @@ def _not_found(name: str, root: str | Path | None) -> str:
         f"dataset {name!r}: {where}; pass download=True (or --download) to fetch it, "
         f"or point --data-root at a folder that holds it"
     )
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A ``DataLoader`` over this process's share of ``dataset``, ``batch_size`` samples a batch.
+
+    With ``shuffle`` or ``world_size > 1`` the order is ``DistributedSampler``'s: every rank
+    draws the same permutation from ``seed`` and the epoch (``fxoto.train.fit`` calls
+    ``set_epoch``) and takes every ``world_size``-th sample from position ``rank``, so an epoch's
+    global batches are the same for any number of processes that share a global batch size.
+    Memory is pinned when ``device`` is a CUDA device, so that copies to it can be non-blocking.
+    """
+    sampler = None
+    if shuffle or world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    pin = device is not None and torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, pin_memory=pin)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``.
+
+    Copies from the CPU to a CUDA device are non-blocking: from pinned memory they overlap
+    with the work already queued there.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda" and batch.device.type == "cpu")
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(b, device) for b in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class DeviceLoader:
+    """The batches of ``loader``, moved to ``device`` as they come."""
+
+    def __init__(self, loader: Iterable, device: torch.device | str):
+        self.loader, self.device = loader, torch.device(device)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            yield to_device(batch, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -65,3 +65,24 @@ def test_demo_subnet_equals_the_trained_supernet_on_validation(tmp_path):
     assert len(result.search.space.zero_groups()) == 3
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
     assert result.report_data.max_output_difference < 1e-4
+
+
+def test_demo_trains_on_the_chosen_device_in_bf16(tmp_path, capsys):
+    import json
+
+    assert main(["demo", "--quick", "--device", "cpu", "--amp", "bf16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "trained on 1 process, device cpu, bf16 mixed precision" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["world_size"], report["device"], report["amp"]) == (1, "cpu", "bf16")
+    assert report["max_output_difference"] < 1e-4  # the sub-network is exact in float32 after bf16 training
+
+
+def test_a_device_this_machine_lacks_is_one_clear_line(tmp_path, capsys):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any GPU where there is none
+    assert main(["search", "demosupnet", "--K", "2", "--device", missing, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxoto search: error: device") and len(err.splitlines()) == 1
+    assert ("CUDA is not available" in err) if not torch.cuda.is_available() else ("CUDA device(s)" in err)
