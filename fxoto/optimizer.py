@@ -711,6 +711,7 @@ class H2SPG(Optimizer):
     def _pinned_whole(self) -> set[int]:
         return {id(part.param) for part in self._hot.parts if part.dim is None}
 
+    @torch.no_grad()
     def _rezero(self, plan: _Plan, whole: bool) -> None:
         """Set the redundant members and their optimizer state (momentum, Adam moments) to
         zero: the sliced members (whose parameter steps as a whole), and the whole ones too
@@ -810,6 +811,7 @@ class H2SPG(Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._counts[id(p)] = 0
         count = self._counts.get(id(p))
         count = (int(state["step"]) if count is None else count) + 1
         self._counts[id(p)] = count
@@ -830,7 +832,8 @@ class H2SPG(Optimizer):
             where = {id(p): i for i, p in enumerate(self._order)}
             self._position_cache = (key, torch.tensor([where[k] for k in key], dtype=torch.long).to(self.device))
         bad = ~probes.isfinite()
-        first = torch.stack([torch.tensor(self._step, device=self.device), self._position_cache[1][bad.int().argmax()]])
+        which = self._position_cache[1].index_select(0, bad.int().argmax().reshape(1))  # not [tensor]: that reads
+        first = torch.cat([torch.tensor([self._step], device=self.device), which])
         self._bad = torch.where((self._bad[0] < 0) & bad.any(), first, self._bad)
 
     # -- the plain steps: torch.optim's SGD, Adam and AdamW -------------------------------------
