@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxoto.roles import Joint
@@ -53,8 +54,9 @@ def _removed_features(gm: fx.GraphModule, erased: set[str]):
     return consume, per_channel
 
 
-def _keep(n: int, drop: set[int]) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
+def _keep(n: int, drop: set[int], device: torch.device) -> torch.Tensor:
+    """Indices ``0..n-1`` without ``drop``, on ``device`` (that of the tensor they index)."""
+    mask = torch.ones(n, dtype=torch.bool, device=device)
     mask[sorted(drop)] = False
     return mask.nonzero().flatten()
 
@@ -63,40 +65,121 @@ def _slice_param(owner: nn.Module, name: str, dim: int, keep: torch.Tensor) -> N
     old = getattr(owner, name)
     if old is None:
         return
-    new = old.detach().index_select(dim, keep).clone()
+    new = old.detach().index_select(dim, keep.to(old.device)).clone()
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         setattr(owner, name, new)
 
 
-def _slice_consumer(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
-    rule = node.meta[RULE]
-    dim = rule.weight_in_dim
+def _weight_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str]:
+    """(owner path, attribute) of the weight a consumer stem reads."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        keep = _keep(module.weight.shape[dim], drop)
-        _slice_param(module, "weight", dim, keep)
-        if isinstance(module, nn.Linear):
-            module.in_features = len(keep)
+        return node.target, "weight"
+    owner, _, attr = node.args[1].target.rpartition(".")  # F.conv2d(x, weight, ...) / F.linear(x, weight, ...)
+    return owner, attr
+
+
+def _sites(gm: fx.GraphModule) -> dict[tuple[str, str], list[fx.Node]]:
+    """Every node that reads each (owner, attribute) weight: the call sites of a module, the users of a get_attr."""
+    found: dict[tuple[str, str], list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            found[(node.target, "weight")].append(node)
+        elif node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            found[(owner, attr)].extend(node.users)
+    return found
+
+
+def _slice_consumers(gm: fx.GraphModule, consume: dict[str, set[int]], erased: set[str]) -> None:
+    """Drop the erased input features from each consumer stem's weight.
+
+    A weight read at several places (a module called twice, weight sharing)
+    is sliced in place when every place drops the same features; otherwise it
+    stays whole and shared, and each place that drops features reads its own
+    slice of it, ``torch.index_select(weight, dim, keep)``, so that the
+    sub-network keeps the super-network's sharing.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = _sites(gm)
+    done: set[tuple[str, str]] = set()
+    for name in consume:
+        if name in erased:
+            continue
+        key = _weight_of(gm, nodes[name])
+        if key in done:
+            continue
+        done.add(key)
+        live = [n for n in dict.fromkeys(sites[key]) if n.name not in erased]
+        drops = {n.name: frozenset(consume.get(n.name, ())) for n in live}
+        if len(set(drops.values())) == 1:
+            _slice_in_place(gm, nodes[name], consume[name])
         else:
-            module.in_channels = len(keep)
-        return
-    weight = node.args[1]  # F.conv2d(x, weight, ...) / F.linear(x, weight, ...)
-    owner_path, _, attr = weight.target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    keep = _keep(getattr(owner, attr).shape[dim], drop)
+            for n in live:
+                if drops[n.name]:
+                    _slice_at_site(gm, n, drops[n.name])
+
+
+def _slice_in_place(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
+    dim = node.meta[RULE].weight_in_dim
+    owner_path, attr = _weight_of(gm, node)
+    owner = gm.get_submodule(owner_path)
+    weight = getattr(owner, attr)
+    keep = _keep(weight.shape[dim], drop, weight.device)
     _slice_param(owner, attr, dim, keep)
+    if node.op == "call_module":
+        if isinstance(owner, nn.Linear):
+            owner.in_features = len(keep)
+        else:
+            owner.in_channels = len(keep)
+
+
+_FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def _slice_at_site(gm: fx.GraphModule, node: fx.Node, drop: frozenset[int]) -> None:
+    """One call site of a shared weight reads ``index_select(weight, dim, keep)`` (a buffer of the sub-network)."""
+    dim = node.meta[RULE].weight_in_dim
+    owner_path, attr = _weight_of(gm, node)
+    owner = gm.get_submodule(owner_path)
+    weight = getattr(owner, attr)
+    keep_name = f"{node.name}_keep"
+    gm.register_buffer(keep_name, _keep(weight.shape[dim], drop, weight.device))
+    graph = gm.graph
+    with graph.inserting_before(node):
+        keep = graph.get_attr(keep_name)
+        full = graph.get_attr(f"{owner_path}.{attr}" if owner_path else attr)
+        sliced = graph.call_function(torch.index_select, (full, dim, keep))
+        if node.op != "call_module":
+            node.args = (node.args[0], sliced, *node.args[2:])
+            return
+        bias = graph.get_attr(f"{owner_path}.bias") if owner.bias is not None else None
+        if isinstance(owner, nn.Linear):
+            call = graph.call_function(F.linear, (node.args[0], sliced, bias))
+        elif type(owner) in _FUNCTIONAL and owner.padding_mode == "zeros":
+            call = graph.call_function(_FUNCTIONAL[type(owner)], (node.args[0], sliced, bias, owner.stride,
+                                                                  owner.padding, owner.dilation, owner.groups))
+        else:
+            raise NotImplementedError(
+                f"node '{node.name}' calls shared module '{owner_path}' ({type(owner).__name__}) whose input "
+                f"features differ between its call sites; fxoto slices only Conv1d/2d/3d (zero padding) and "
+                f"Linear per call site"
+            )
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
 
 
 def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     module = gm.get_submodule(node.target)
     if isinstance(module, nn.PReLU):
-        keep = _keep(module.num_parameters, drop)
+        keep = _keep(module.num_parameters, drop, module.weight.device)
         _slice_param(module, "weight", 0, keep)
         module.num_parameters = len(keep)
         return
-    keep = _keep(module.num_features, drop)
+    device = next(t.device for t in (module.weight, module.running_mean) if t is not None)
+    keep = _keep(module.num_features, drop, device)
     for name in ("weight", "bias", "running_mean", "running_var"):
         _slice_param(module, name, 0, keep)
     module.num_features = len(keep)
@@ -195,10 +278,8 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     consume, per_channel = _removed_features(space.gm, erased)
 
     sub = copy.deepcopy(space.gm)
+    _slice_consumers(sub, consume, erased)
     nodes = {n.name: n for n in sub.graph.nodes}
-    for name, drop in consume.items():
-        if name not in erased:
-            _slice_consumer(sub, nodes[name], drop)
     for name, drop in per_channel.items():
         if name not in erased:
             _slice_per_channel(sub, nodes[name], drop)

@@ -30,10 +30,10 @@ from torch import nn
 from torch.fx import _symbolic_trace as _fx
 from torch.fx import traceback as fx_traceback
 
-from fxoto.errors import UntraceableModelError
+from fxoto.errors import DeviceError, UntraceableModelError
 from fxoto.shapes import CONSTANT, SHAPE, propagate_shapes
 
-__all__ = ["SHAPE", "Tracer", "graph_module", "propagate_shapes", "symbolic_trace", "trace"]
+__all__ = ["SHAPE", "Tracer", "check_device", "graph_module", "propagate_shapes", "symbolic_trace", "trace"]
 
 _PLAIN = frozenset({int, float, bool, str, type(None)})
 _CALLS = frozenset({"call_function", "call_method", "call_module"})
@@ -307,6 +307,33 @@ def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+def check_device(model: nn.Module) -> torch.device | None:
+    """The one device that holds all of the model's parameters and buffers (None if it has none).
+
+    Raises ``DeviceError`` for a model spread over several devices (the rewrite
+    and H2SPG put every tensor they make beside the one it works with, which
+    needs one device) or holding ``meta`` tensors (no values to search).
+    """
+    found: dict[torch.device, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        found.setdefault(t.device, name)
+    what = type(model).__name__
+    if any(d.type == "meta" for d in found):
+        name = next(n for d, n in found.items() if d.type == "meta")
+        raise DeviceError(
+            f"{what} holds tensors on the meta device (first: '{name}'): they have shapes but no values, so there is "
+            f"nothing to search or train. Materialise the model first, e.g. model.to_empty(device='cpu') and then "
+            f"load_state_dict(...)."
+        )
+    if len(found) > 1:
+        where = ", ".join(f"'{n}' on {d}" for d, n in found.items())
+        raise DeviceError(
+            f"{what} is spread over {len(found)} devices ({where}): fxoto searches a model held on one device. "
+            f"Move it first, e.g. model.to('{next(iter(found))}')."
+        )
+    return next(iter(found), None)
+
+
 def trace(
     model: nn.Module,
     example_inputs: Sequence[Any],
@@ -316,6 +343,7 @@ def trace(
     """Trace ``model`` and annotate each node with its output shape."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    check_device(model)
     graph = symbolic_trace(model, leaf_modules, concrete_args)
     propagate_shapes(graph, model, example_inputs)
     return graph

@@ -10,6 +10,10 @@ traces its loops away, so fxoto sees an ordinary DAG with:
 * ``cat`` joints of 2 to 4 branches, optionally followed by batch norm and ReLU;
 * pooling and upsampling steps, values with several consumers, nested and
   residual branches, and steps whose value nobody reads;
+* layers called at two or more places: a branch that reuses an earlier
+  branch's module (in two branches of one joint, across an ``add``, before and
+  after a ``cat``), and a branch applied twice in a row (a conv reading a
+  concat and then its own output);
 * a head: global pool or flatten (channel blocks of H*W columns), then linear.
 
 Shrinking goes towards fewer, narrower steps, so a failure reads as a small net.
@@ -17,7 +21,7 @@ Shrinking goes towards fewer, narrower steps, so a failure reads as a small net.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import strategies as st
@@ -37,6 +41,8 @@ class Branch:
     norm: bool
     act: str
     pre_act: bool  # BN -> ReLU -> conv, reading the source's channels
+    reuse: tuple[int, int] | None = None  # (step, branch): call that branch's module instead of a new one
+    twice: bool = False  # apply the module twice in a row (its output has its input's channels and size)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def _branch_module(b: Branch, in_ch: int, out_size: int, in_size: int) -> nn.Mod
 
 
 class RandomSupNet(nn.Module):
-    """Runs a ``NetSpec``; every branch is a plain ``nn.Sequential``."""
+    """Runs a ``NetSpec``; every branch is a plain ``nn.Sequential`` (a reused one is the same object)."""
 
     def __init__(self, spec: NetSpec):
         super().__init__()
@@ -105,7 +111,14 @@ class RandomSupNet(nn.Module):
         self.post = nn.ModuleList()
         for i, step in enumerate(spec.steps):
             out_size = sz[i + 1]
-            self.branches.append(nn.ModuleList(_branch_module(b, ch[b.source], out_size, sz[b.source]) for b in step.branches))
+            modules = nn.ModuleList()
+            for b in step.branches:
+                if b.reuse is None:
+                    modules.append(_branch_module(b, ch[b.source], out_size, sz[b.source]))
+                else:
+                    at, j = b.reuse
+                    modules.append((modules if at == len(self.branches) else self.branches[at])[j])
+            self.branches.append(modules)
             post = nn.Sequential(nn.BatchNorm2d(ch[i + 1]), nn.ReLU()) if step.post_norm else nn.Identity()
             self.post.append(post)
         last_ch, last_sz = ch[-1], sz[-1]
@@ -121,14 +134,19 @@ class RandomSupNet(nn.Module):
             elif step.kind == "up":
                 values.append(nn.functional.interpolate(values[step.source], scale_factor=2.0))
             elif step.kind == "cat":
-                values.append(post(torch.cat([f(values[b.source]) for f, b in zip(branches, step.branches)], 1)))
+                values.append(post(torch.cat([_call(f, b, values) for f, b in zip(branches, step.branches)], 1)))
             else:
-                outs = [f(values[b.source]) for f, b in zip(branches, step.branches)]
+                outs = [_call(f, b, values) for f, b in zip(branches, step.branches)]
                 total = values[step.identity] if step.identity is not None else outs.pop(0)
                 for o in outs:
                     total = total + o
                 values.append(total)
         return self.head(torch.flatten(self.pool(values[-1]), 1))
+
+
+def _call(f: nn.Module, b: Branch, values: list[torch.Tensor]) -> torch.Tensor:
+    out = f(values[b.source])
+    return f(out) if b.twice else out
 
 
 @st.composite
@@ -138,16 +156,42 @@ def net_specs(draw, max_steps: int = 6, max_width: int = 6) -> NetSpec:
     steps: list[Step] = []
     ch, sz = [in_channels], [size]
 
-    def branch(out: int | None = None, source: int | None = None) -> Branch:
-        src = draw(st.integers(0, len(ch) - 1)) if source is None else source
-        return Branch(
+    cats: set[int] = set()  # values made by a concat
+    drawn: list[tuple[int, int, Branch, int]] = []  # (step, position, branch, output size) of each new module
+
+    def branch(j: int, out: int | None = None, size: int | None = None) -> Branch:
+        """Branch ``j`` of the step: ``out`` channels (any if None) at spatial ``size`` (its source's if None)."""
+        # Reuse an earlier module where one fits: a source with its input channels and size, its output.
+        fits = [(i, k, b) for i, k, b, s in drawn
+                if (out is None or b.out == out) and s == (sz[b.source] if size is None else size)]
+        if fits and draw(st.integers(0, 3)) == 0:
+            i, k, b = draw(st.sampled_from(fits))
+            sources = [v for v, (c, z) in enumerate(zip(ch, sz)) if c == ch[b.source] and z == sz[b.source]]
+            return replace(b, source=draw(st.sampled_from(sources)), reuse=(i, k))
+        src = draw(st.one_of(st.just(len(ch) - 1), st.integers(0, len(ch) - 1)))  # the latest value more often
+        out_size = sz[src] if size is None else size
+        # A square module (as many channels out as in) can be called again on its own output;
+        # after a concat that is a consumer read at two places with different channels.
+        square = draw(st.integers(0, 1 if src in cats else 2)) == 0
+        width = out if out is not None else ch[src] if square else draw(st.integers(1, max_width))
+        b = Branch(
             source=src,
-            out=draw(st.integers(1, max_width)) if out is None else out,
+            out=width,
             kernel=draw(st.sampled_from([1, 3])),
             norm=draw(st.booleans()),
             act=draw(st.sampled_from(sorted(ACTIVATIONS))),
             pre_act=src > 0 and draw(st.booleans()),
+            # Twice in a row: the module's output must fit its own input.
+            twice=width == ch[src] and out_size == sz[src] and draw(st.booleans()),
         )
+        drawn.append((len(steps), j, b, out_size))
+        return b
+
+    def branches(n: int, out: int | None = None, size: int | None = None) -> tuple[Branch, ...]:
+        """``n`` branches resampled to one size: ``size``, or the first branch's source's."""
+        first = branch(0, out, size)
+        size = sz[first.source] if size is None else size
+        return (first,) + tuple(branch(j, out, size) for j in range(1, n))
 
     for _ in range(draw(st.integers(1, max_steps))):
         kind = draw(st.sampled_from(["add", "cat", "add", "cat", "block", "pool", "up", "add", "cat"]))
@@ -157,17 +201,19 @@ def net_specs(draw, max_steps: int = 6, max_width: int = 6) -> NetSpec:
                 kind = "pool"
             step = Step(kind, source=source)
         elif kind == "block":
-            step = Step("block", (branch(),))
+            step = Step("block", branches(1))
         elif kind == "add":
             out = draw(st.integers(1, max_width))
             same = [i for i, c in enumerate(ch) if c == out]
             identity = draw(st.sampled_from(same)) if same and draw(st.booleans()) else None
             n = draw(st.integers(1 if identity is not None else 2, 4))
-            step = Step("add", tuple(branch(out) for _ in range(n)), identity=identity)
+            step = Step("add", branches(n, out, None if identity is None else sz[identity]), identity=identity)
         else:
             n = draw(st.integers(2, 4))
-            step = Step("cat", tuple(branch() for _ in range(n)), post_norm=draw(st.booleans()))
+            step = Step("cat", branches(n), post_norm=draw(st.booleans()))
         steps.append(step)
+        if step.kind == "cat":
+            cats.add(len(steps))
         spec = NetSpec(in_channels, size, tuple(steps), False, 2)
         ch, sz = spec.channels(), spec.sizes()
     return NetSpec(in_channels, size, tuple(steps), draw(st.booleans()), draw(st.integers(1, 3)))
