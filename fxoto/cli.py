@@ -72,7 +72,7 @@ def _search(args) -> int:
     from fxoto.pipeline import run_search
     from fxoto.train import resolve_device
 
-    device = resolve_device(args.device, distributed.local_rank())
+    device = resolve_device(args.device)
     with distributed.process_group(device):
         model, example = load_model(args.model)
         result = run_search(
@@ -91,7 +91,7 @@ def _demo(args) -> int:
     from fxoto.pipeline import run_demo
     from fxoto.train import resolve_device
 
-    device = resolve_device(args.device, distributed.local_rank())
+    device = resolve_device(args.device)
     with distributed.process_group(device):
         result = run_demo(out=Path(args.out), epochs=args.epochs, quick=args.quick, seed=args.seed, device=device,
                           amp=args.amp)

@@ -30,6 +30,7 @@ groups, and lets rank 0 alone print and write checkpoints. See ``docs/distribute
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -102,10 +103,10 @@ class History:
 # -- device and precision -----------------------------------------------------------------------
 
 
-def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torch.device:
+def resolve_device(spec: str | torch.device | None, local_rank: int | None = None) -> torch.device:
     """The device that ``spec`` names on this machine: ``"auto"`` (CUDA when available), ``"cpu"``,
-    ``"cuda"`` or ``"cuda:N"``. Without an index, CUDA means device ``local_rank`` (one GPU per
-    process under ``torchrun``)."""
+    ``"cuda"`` or ``"cuda:N"``. Without an index, CUDA means device ``local_rank`` (default: this
+    process's ``LOCAL_RANK`` under ``torchrun``, one GPU per process; otherwise the current device)."""
     if spec is None or spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -118,10 +119,15 @@ def resolve_device(spec: str | torch.device | None, local_rank: int = 0) -> torc
                 f"device '{spec}' asked for, but CUDA is not available to this torch ({torch.__version__}, "
                 f"built for CUDA {torch.version.cuda}): use --device cpu or auto"
             )
-        index = local_rank if device.index is None else device.index
+        if device.index is not None:
+            index = device.index
+        elif local_rank is not None or "LOCAL_RANK" in os.environ:
+            index = distributed.local_rank() if local_rank is None else local_rank
+        else:
+            index = torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device 'cuda:{index}' asked for, but this machine has only "
-                                     f"{torch.cuda.device_count()} CUDA device(s)")
+                              f"{torch.cuda.device_count()} CUDA device(s)")
         device = torch.device("cuda", index)
     return device
 
