@@ -548,20 +548,7 @@ class H2SPG(Optimizer):
             self._check_probes(work, probes)
             self._multi_tensor_plain_steps(work, dirs, skip=set())
         else:
-            dots_of: dict[int, list[Tensor]] = {}
-            probes = []
-            for p, grad, group in work:
-                members = plan.by_param.get(id(p))
-                d = self._direction(p, grad, group, materialize=members is not None and on_direction)
-                probes.append(d.probe.sum())
-                if members is not None:
-                    for m in members:
-                        part = plan.parts[m]
-                        v = d.num if on_direction else grad
-                        dots_of[m] = _dots(part.of(p), part.of(v)) + [self._direction_scale(d) if on_direction else 1.0]
-                _plain_step(p, d)
-            self._check_probes(work, torch.stack(probes) if probes else None)
-            dots = self._single_tensor_member_dots(plan, dots_of)
+            dots, _ = self._single_tensor_pass(work, plan, use_direction=on_direction, hold=False)
         self._accumulate(self._score(plan, dots))
 
     def _hybrid_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
@@ -575,22 +562,7 @@ class H2SPG(Optimizer):
             self._multi_tensor_plain_steps(work, dirs, skip=plan.by_param)
             held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
         else:
-            held: list[tuple[Tensor, _Direction]] = []
-            dots_of: dict[int, list[Tensor]] = {}
-            probes = []
-            for p, grad, group in work:
-                members = plan.by_param.get(id(p))
-                d = self._direction(p, grad, group, materialize=members is not None)
-                probes.append(d.probe.sum())
-                if members is None:
-                    _plain_step(p, d)
-                    continue
-                for m in members:
-                    part = plan.parts[m]
-                    dots_of[m] = _dots(part.of(p), part.of(d.num)) + [self._direction_scale(d)]
-                held.append((p, d))
-            self._check_probes(work, torch.stack(probes) if probes else None)
-            dots = self._single_tensor_member_dots(plan, dots_of)
+            dots, held = self._single_tensor_pass(work, plan, use_direction=True, hold=True)
         a, b = self._hybrid_coefficients(plan, dots)
         for p, d in held:
             _scaled_step(p, d, a, b, plan.index[id(p)])
@@ -598,6 +570,36 @@ class H2SPG(Optimizer):
         for key, ms in plan.by_param.items():  # no gradient: f does not move them, the lasso term still does
             if key not in moved:
                 _scaled_step(plan.parts[ms[0]].param, None, a, b, plan.index[key])
+
+    def _single_tensor_pass(self, work, plan: _Plan, use_direction: bool,
+                            hold: bool) -> tuple[Tensor, list[tuple[Tensor, _Direction]]]:
+        """One pass over the parameters, each while it is in the CPU's cache: its state advanced,
+        its members' inner products with v (the gradient, or with ``use_direction`` the step
+        direction) gathered, its gradient checked, and its plain step taken, except, with
+        ``hold``, for the plan's parameters: their directions are returned for the scaled step.
+        A parameter that is one whole member is checked through x.v (inf or NaN in the
+        gradient makes it so), any other through a sum of the tensor that took the gradient."""
+        dots_of: dict[int, list] = {}
+        held: list[tuple[Tensor, _Direction]] = []
+        probes = []
+        for p, grad, group in work:
+            members = plan.by_param.get(id(p))
+            d = self._direction(p, grad, group, materialize=members is not None and (hold or use_direction))
+            if members is None:
+                probes.append(d.probe.sum())
+            else:
+                scale = self._direction_scale(d) if use_direction else 1.0
+                for m in members:
+                    part = plan.parts[m]
+                    dots_of[m] = _dots(part.of(p), part.of(d.num if use_direction else grad)) + [scale]
+                whole = plan.parts[members[0]].dim is None
+                probes.append(dots_of[members[0]][1] if whole else d.probe.sum())
+                if hold:
+                    held.append((p, d))
+                    continue
+            _plain_step(p, d)
+        self._check_probes(work, torch.stack(probes) if probes else None)
+        return self._single_tensor_member_dots(plan, dots_of), held
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not

@@ -1,17 +1,23 @@
-"""H2SPG's step time and state size against torch.optim.SGD(momentum=0.9) and Adam (DESIGN 8).
+"""H2SPG's step time, host reads and state size against torch's own optimizers.
 
 Gradients are computed once per model; then only ``opt.step()`` is timed, repeatedly, on
-those same gradients (with subnormal floats flushed to zero, see ``main``).  The optimizers
-take turns round by round, so that load from other processes falls on all of them alike;
-the table gives medians.  ``--clock cpu`` times with the process's CPU time instead of the
-wall clock: on a shared machine, time spent waiting for a core then does not count (memory
-bandwidth taken by others still does).  H2SPG is timed in its hybrid phase with no redundant
-group zero yet (the costly case: every redundant group takes the group-lasso step), and in
-the pruned phase (redundant groups pinned at zero, their parameters skipped).  "state"
-counts the bytes of the optimizer's state: per-parameter tensors plus H2SPG's per-group
-scores and the three floats it keeps per redundant group (``_scale``).
+those same gradients (a tiny learning rate keeps the parameters and phases as they are;
+subnormal floats are flushed on the CPU).  The optimizers take turns round by round, so
+that load from other processes falls on all of them alike; the table gives medians and
+each one's ratio to its torch baseline, measured in the same run.  H2SPG is timed in each
+phase: warm-up (scores gathered every step), hybrid with no redundant group zero yet (the
+costly case: every redundant group takes the group-lasso step) and pruned (redundant
+groups pinned, their parameters skipped), with K half the GeZIGs.  "host reads" counts
+``aten::_local_scalar_dense`` and ``aten::item`` in one step (each waits for the GPU).
+"state" is the optimizer's state in bytes: per-parameter tensors plus H2SPG's per-group
+vectors.
 
-    PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--size 224] [--threads 2] [--clock cpu]
+On the CPU (default): resnet50 at batch 8 and DemoSupNet; baselines SGD(momentum=0.9) and
+Adam, single-tensor as torch picks them there.  With ``--device cuda``: resnet50 and DARTS-8
+at batch 64; baselines SGD with ``foreach=True`` and with ``fused=True``, AdamW fused; and a
+whole bf16 training step (forward, backward, step) of H2SPG's hybrid phase against SGD's.
+
+    PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--device cpu|cuda] [--threads 2] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -20,42 +26,68 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
 from tabulate import tabulate
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxoto
 from fxoto.optimizer import H2SPG
-from fxoto.zoo import DemoSupNet
+from fxoto.zoo import INPUT_SHAPES, DemoSupNet
+from fxoto.zoo.darts import darts_8cells
 
 LR = 1e-7  # tiny, so that repeated steps on one gradient keep the parameters (and phases) as they are
 
 
+class HostReads(TorchDispatchMode):
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     total = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    if isinstance(opt, H2SPG):  # per-group scores, and three floats per redundant group not yet zero
+    if isinstance(opt, H2SPG):
         h = opt.state_dict()["h2spg"]
-        total += h["scores"].numel() * h["scores"].element_size() + 8 * sum(len(s) for s in h["stats"].values())
+        total += sum(v.numel() * v.element_size() for v in h.values() if torch.is_tensor(v))
+        total += opt._lambda.numel() * opt._lambda.element_size()
     return total
 
 
-def hybrid(space: fxoto.SearchSpace, K: int, variant: str, pruned: bool) -> H2SPG:
-    """An H2SPG past its one warm-up step: in the hybrid phase, or (pruned) past it."""
-    opt = H2SPG(space, K, LR, variant=variant, warmup_steps=1, pruning_steps=0 if pruned else 10**9)
+def h2spg(space: fxoto.SearchSpace, variant: str, phase: str) -> H2SPG:
+    """An H2SPG in ``phase``, with K half the GeZIGs."""
+    K = max(1, len(space.groups) // 2)
+    warmup = 10**9 if phase == "warmup" else 1
+    opt = H2SPG(space, K, LR, variant=variant, warmup_steps=warmup, pruning_steps=0 if phase == "pruned" else 10**9)
     opt.step()
-    assert opt.phase == ("pruned" if pruned else "hybrid")
+    assert opt.phase == phase
     return opt
 
 
-def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rounds: int, steps: int,
-          clock=time.perf_counter) -> list[list]:
-    space = fxoto.build_space(model, (x,))
+def timed(step: Callable[[], None], n: int, clock, sync: Callable[[], None]) -> float:
+    sync()
+    t0 = clock()
+    for _ in range(n):
+        step()
+    sync()
+    return (clock() - t0) / n
+
+
+def bench(name: str, model: torch.nn.Module, x: torch.Tensor, baselines: dict[str, Callable], variants: list[str],
+          rounds: int, steps: int, clock, sync) -> list[list]:
+    space = fxoto.build_space(model, (x[:1],))
     model.train()
-    labels = torch.randint(0, model(x[:1]).shape[1], (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
     torch.nn.functional.cross_entropy(model(x), labels).backward()
     params = list(model.parameters())
-    n_params = sum(p.numel() for p in params)
     saved = [p.detach().clone() for p in params]
 
     def restore():  # pruned runs zero their redundant groups in the shared parameters
@@ -63,75 +95,122 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, Ks: list[int], rou
             for p, s in zip(params, saved):
                 p.copy_(s)
 
-    opts: dict[tuple[str, int | None], torch.optim.Optimizer] = {
-        ("torch SGD(momentum=0.9)", None): torch.optim.SGD(params, LR, momentum=0.9),
-        ("torch Adam", None): torch.optim.Adam(params, LR),
-    }
-    for pruned in (False, True):
-        for K in Ks:
-            for variant in ("sgd", "adam"):
-                opts[(f"H2SPG {variant}, {'pruned' if pruned else 'hybrid'}", K)] = hybrid(space, K, variant, pruned)
-                restore()  # each selects on the same parameters
-    for opt in opts.values():  # state allocated before timing
+    opts: dict[str, tuple[torch.optim.Optimizer, str | None]] = {k: (make(params), None) for k, make in baselines.items()}
+    for phase in ("warmup", "hybrid", "pruned"):
+        for variant in variants:
+            base = next(k for k in baselines if ("SGD" in k) == (variant == "sgd"))
+            opts[f"H2SPG {variant}, {phase}"] = (h2spg(space, variant, phase), base)
+            restore()
+    for opt, _ in opts.values():  # state allocated before timing
         opt.step()
     restore()
-
-    times: dict[tuple[str, int | None], list[float]] = {k: [] for k in opts}
+    reads = {}
+    for key, (opt, _) in opts.items():
+        with HostReads() as counter:
+            opt.step()
+        reads[key] = counter.count
+    times: dict[str, list[float]] = {k: [] for k in opts}
     for _ in range(rounds):
-        for key, opt in opts.items():
-            for _ in range(steps):
-                t0 = clock()
-                opt.step()
-                times[key].append(clock() - t0)
+        for key, (opt, _) in opts.items():
+            times[key].append(timed(opt.step, steps, clock, sync))
         restore()
-    for (label, _), opt in opts.items():
-        if isinstance(opt, H2SPG) and "hybrid" in label:
+    for key, (opt, _) in opts.items():
+        if isinstance(opt, H2SPG) and "hybrid" in key:
             assert opt.phase == "hybrid" and opt.metrics()["zero_groups"] == 0, "a group went to zero while timing"
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    sgd, adam = med[("torch SGD(momentum=0.9)", None)], med[("torch Adam", None)]
-    sgd_state = state_bytes(opts[("torch SGD(momentum=0.9)", None)])
-    adam_state = state_bytes(opts[("torch Adam", None)])
+    n_params = sum(p.numel() for p in params)
     rows = []
-    for (label, K), ms in med.items():
-        opt = opts[(label, K)]
-        if K is None:
-            what = f"{name} ({n_params / 1e6:.2f} M params, {len(space.groups)} GeZIGs)"
-        else:
-            red = sum(space.groups[g].numel for g in opt.redundant)
-            what = f"  K={K}: {red / n_params:.0%} of the params redundant"
-        base_state = adam_state if "dam" in label else sgd_state
-        rows.append([what, label, f"{ms:.2f}", f"{ms / sgd:.2f}x", f"{ms / adam:.2f}x",
-                     f"{state_bytes(opt) / 2**20:.1f}", f"{state_bytes(opt) - base_state:+d}"])
+    for key, (opt, base) in opts.items():
+        ratios = [f"{med[key] / med[b]:.2f}x" for b in baselines]
+        rows.append([f"{name} ({n_params / 1e6:.1f} M params, {len(space.groups)} GeZIGs)" if not rows else "",
+                     key, f"{med[key]:.3f}", *ratios, reads[key], f"{state_bytes(opt) / 2**20:.1f}"])
     return rows
+
+
+def training_step(name: str, model: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, clock, sync) -> list:
+    """A whole bf16 training step (forward, backward, step): H2SPG-sgd's hybrid phase against SGD's."""
+    space = fxoto.build_space(model, (x[:1],))
+    labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, LR, momentum=0.9, foreach=True)
+    h2 = h2spg(space, "sgd", "hybrid")
+
+    def step(opt):
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+        return run
+
+    for opt in (sgd, h2):
+        step(opt)()
+    times = {"sgd": [], "h2spg": []}
+    for _ in range(rounds):
+        times["sgd"].append(timed(step(sgd), steps, clock, sync))
+        times["h2spg"].append(timed(step(h2), steps, clock, sync))
+    a, b = (statistics.median(times[k]) * 1e3 for k in ("sgd", "h2spg"))
+    return [name, f"{a:.2f}", f"{b:.2f}", f"{b / a:.3f}x"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=224, help="resnet50 input side (3 x size x size)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 on the CPU, 64 on CUDA")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per optimizer per round")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="wall clock, or the process's CPU time (steadier on a loaded machine)")
+                    help="wall clock, or the process's CPU time (steadier on a loaded CPU; not with CUDA)")
     args = ap.parse_args()
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if args.clock == "wall" or cuda else time.process_time
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.set_num_threads(args.threads)
-    # Stepping many times on one gradient drives Adam's second moments of near-zero gradients
-    # into subnormal floats, whose arithmetic is slow on x86: an artefact of the method.
-    torch.set_flush_denormal(True)
+    if not cuda:
+        # Stepping many times on one gradient drives Adam's second moments of near-zero gradients
+        # into subnormal floats, whose arithmetic is slow on x86: an artefact of the method.
+        torch.set_flush_denormal(True)
     torch.manual_seed(0)
+    batch = args.batch or (64 if cuda else 8)
 
-    rows = bench("resnet50", torchvision.models.resnet50(), torch.randn(args.batch, 3, args.size, args.size), [5, 10],
-                 args.rounds, args.steps, clock)
-    rows += bench("DemoSupNet", DemoSupNet(), torch.randn(args.batch, 1, 28, 28), [3], args.rounds * 3, args.steps * 3,
-                  clock)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"{args.threads} threads, batch {args.batch}, resnet50 at 3x{args.size}x{args.size}; "
-          f"{args.clock} clock, median over {args.rounds} rounds of {args.steps} steps (DemoSupNet: 3x as many)")
-    print(tabulate(rows, headers=["model", "optimizer", "step ms", "vs SGD", "vs Adam", "state MiB",
-                                  "extra state bytes vs SGD/Adam"], disable_numparse=True))
+    if cuda:
+        baselines = {
+            "SGD foreach": lambda ps: torch.optim.SGD(ps, LR, momentum=0.9, foreach=True),
+            "SGD fused": lambda ps: torch.optim.SGD(ps, LR, momentum=0.9, fused=True),
+            "AdamW fused": lambda ps: torch.optim.AdamW(ps, LR, fused=True),
+        }
+        variants = ["sgd", "adamw"]
+        models = [("resnet50", torchvision.models.resnet50(num_classes=10), (3, args.size, args.size)),
+                  ("DARTS-8", darts_8cells(), INPUT_SHAPES["darts8"])]
+    else:
+        baselines = {
+            "SGD(momentum=0.9)": lambda ps: torch.optim.SGD(ps, LR, momentum=0.9),
+            "Adam": lambda ps: torch.optim.Adam(ps, LR),
+        }
+        variants = ["sgd", "adam"]
+        models = [("resnet50", torchvision.models.resnet50(num_classes=10), (3, args.size, args.size)),
+                  ("DemoSupNet", DemoSupNet(), (1, 28, 28))]
+    rows = []
+    for name, model, shape in models:
+        model = model.to(device)
+        x = torch.randn(batch, *shape, device=device)
+        rounds = args.rounds if name == "resnet50" else args.rounds * 3
+        rows += bench(name, model, x, baselines, variants, rounds, args.steps, clock, sync)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}; "
+          f"{torch.cuda.get_device_name(device) if cuda else f'{args.threads} threads'}; batch {batch}; "
+          f"{'wall' if cuda else args.clock} clock, median over rounds of {args.steps} steps")
+    print(tabulate(rows, headers=["model", "optimizer", "step ms", *(f"vs {b}" for b in baselines),
+                                  "host reads", "state MiB"], disable_numparse=True))
+    if cuda:
+        whole = [training_step(name, model.to(device), torch.randn(batch, *shape, device=device), args.rounds,
+                               args.steps, clock, sync) for name, model, shape in models]
+        print("\nwhole bf16 training step (forward, backward, step), H2SPG-sgd hybrid against SGD foreach")
+        print(tabulate(whole, headers=["model", "SGD ms", "H2SPG ms", "ratio"], disable_numparse=True))
 
 
 if __name__ == "__main__":
