@@ -57,7 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fxoto.errors import KTooLargeError, NonFiniteGradientError
+from fxoto.errors import DeviceError, KTooLargeError, NonFiniteGradientError
 from fxoto.space import SearchSpace, target_k
 
 __all__ = [
@@ -382,9 +382,9 @@ class H2SPG(Optimizer):
                 if id(part.param) not in owned:
                     raise ValueError(f"parameter '{m.param}' of GeZIG g{g.id} is not among the optimizer's params")
         devices = {p.device for group in self.param_groups for p in group["params"]}
-        if len(devices) > 1:
-            raise ValueError(f"H2SPG's parameters lie on several devices ({sorted(map(str, devices))}); "
-                             f"move the model to one device first")
+        if len(devices) > 1 or any(d.type == "meta" for d in devices):
+            raise DeviceError(f"H2SPG's parameters lie on {sorted(map(str, devices))}: it trains a model whose "
+                              f"parameters are on one real device; move the model there first")
         self.device = devices.pop() if devices else torch.device("cpu")
         self.foreach = self.device.type == "cuda" if foreach is None else foreach
 
@@ -519,8 +519,8 @@ class H2SPG(Optimizer):
             raise RuntimeError("H2SPG does not support sparse gradients")
         for p, _, _ in work:
             if p.device != self.device:
-                raise ValueError(f"parameter '{self._names.get(id(p), '?')}' is on {p.device}, H2SPG's state on "
-                                 f"{self.device}: build the optimizer after moving the model")
+                raise DeviceError(f"parameter '{self._names.get(id(p), '?')}' is on {p.device}, H2SPG's state on "
+                                  f"{self.device}: build the optimizer after moving the model")
 
         if self._redundant is None:
             self._warmup_step(work)

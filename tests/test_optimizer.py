@@ -529,6 +529,10 @@ def test_bad_score_fn_and_settings():
     nan = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=1, score_fn=fixed_scores(1, 2, float("nan"), 0, 0))
     with pytest.raises(ValueError, match="5 finite scores"):
         nan.step()
+    moved, moved_space = demo()
+    moved.conv1.to("meta")  # one layer moved away: the model now lies on two devices
+    with pytest.raises(fxoto.errors.DeviceError, match=r"\['cpu', 'meta'\]"):
+        H2SPG(moved_space, 3, 0.1, warmup_steps=1, pruning_steps=1)
     with pytest.raises(ValueError, match="lambda_rule"):
         H2SPG(space, 3, 0.1, lambda_rule="hesso", warmup_steps=1, pruning_steps=1)
     with pytest.raises(ValueError, match="variant"):
@@ -666,3 +670,59 @@ def test_multi_tensor_step_equals_single_tensor_step_on_random_supernets(net, da
     assert o1.redundant == o2.redundant and o1.zeroed_at == o2.zeroed_at
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+
+
+# -- on a GPU (CI has none: these run where CUDA is; each has a CPU twin above) ---------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU twins run everywhere")
+
+
+@cuda
+@pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
+def test_cuda_step_reads_nothing_and_matches_the_cpu(variant):
+    # CPU twins: test_steps_read_nothing_back_from_the_device, test_multi_tensor_step_equals_single_tensor_step_*
+    x, y = batches(1)[0]
+    runs = []
+    for device in ("cpu", "cuda"):
+        model, space = demo()
+        model.to(device)
+        opt = H2SPG(space, 3, 0.02, variant=variant, weight_decay=1e-3, warmup_steps=2, pruning_steps=4)
+        assert opt.foreach == (device == "cuda")
+        reads = []
+        for _ in range(9):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            with HostReads() as counter:
+                opt.step()
+            reads.append(counter.count)
+        assert reads[:2] == [0, 0] and reads[3:] == [0] * 6, reads  # step 2 selects
+        runs.append((model, opt, space))
+    (m1, o1, s1), (m2, o2, s2) = runs
+    assert o1.redundant == o2.redundant and o1.zeroed_at == o2.zeroed_at
+    assert s1.zero_groups() == s2.zero_groups() == sorted(o1.redundant)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p, q.cpu(), rtol=1e-4, atol=1e-5)  # cuDNN's convolutions round differently
+
+
+@cuda
+def test_cuda_checkpoint_resumes_on_the_cpu():
+    # CPU twin: test_resume_mid_search_is_bit_identical
+    data = batches(10)
+    model, space = demo()
+    model.cuda()
+    opt = H2SPG(space, 3, 0.02, variant="adam", warmup_steps=2, pruning_steps=4)
+    for x, y in data[:4]:
+        opt.zero_grad()
+        F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, map_location="cpu")
+    cpu_model, cpu_space = demo(seed=1)
+    cpu_model.load_state_dict(ckpt["model"])
+    resumed = H2SPG(cpu_space, 3, 0.02, variant="adam", warmup_steps=2, pruning_steps=4)
+    resumed.load_state_dict(ckpt["opt"])
+    assert resumed.redundant == opt.redundant and resumed.phase == "hybrid"
+    train(cpu_model, resumed, data[4:])
+    assert cpu_space.zero_groups() == sorted(resumed.redundant)
