@@ -256,6 +256,13 @@ class _Direction(NamedTuple):
     probe: Tensor  # the first tensor to take the gradient (it, or the state it entered)
 
 
+def _member_products(dots: Tensor) -> Tensor:
+    """[M, 3] per member: ||x||^2, x.v and ||v||^2 for v = c num, from ``dots`` [M, 4]:
+    ||x||^2, x.num, ||num||^2 and c (step / lr: the direction is c times the step's numerator)."""
+    c = dots[:, 3]
+    return torch.stack([dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c], 1)
+
+
 def _flat(t: Tensor) -> Tensor:
     return t if t.dim() == 1 else t.reshape(-1)
 
@@ -404,6 +411,8 @@ class H2SPG(Optimizer):
         self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
         self._counts: dict[int, int] = {}  # Adam's step count per parameter (id), on the host
+        self._copies: dict[str, tuple[tuple[float, ...], Tensor]] = {}  # see _on_device
+        self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for _check_probes
 
     # -- what a user reads ----------------------------------------------------------------
     @property
@@ -529,6 +538,7 @@ class H2SPG(Optimizer):
         else:
             self._pruned_step(work)
         self._step += 1
+        self._step_on_device += 1
         if self._redundant is None and self._step >= self.warmup_steps:
             self._select()
         elif self._redundant is not None and not self._settled and self._step == self.warmup_steps + self.pruning_steps:
@@ -626,8 +636,7 @@ class H2SPG(Optimizer):
         lambda_g / ||x_g||) and b = keep: the step is then x <- a x - step b num."""
         n = len(self.space.groups)
         lr = self._member_lr(plan)
-        c = dots[:, 3]
-        x_sq, x_d, d_sq = dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c
+        x_sq, x_d, d_sq = _member_products(dots).unbind(1)
         sums = torch.zeros(n, 5, dtype=torch.float64, device=self.device)
         sums.index_add_(0, plan.gid, torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1))
         xx, xd, dd, lr_xx, lr_xd = sums.unbind(1)
@@ -652,11 +661,8 @@ class H2SPG(Optimizer):
 
     def _score(self, plan: _Plan, dots: Tensor) -> Tensor:
         """Line 6 from the members' inner products: the score function on the group sums."""
-        n = len(self.space.groups)
-        c = dots[:, 3]
-        sums = torch.zeros(n, 3, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, plan.gid, torch.stack([dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c], 1))
-        xx, xv, vv = sums.unbind(1)
+        sums = torch.zeros(len(self.space.groups), 3, dtype=torch.float64, device=self.device)
+        xx, xv, vv = sums.index_add_(0, plan.gid, _member_products(dots)).unbind(1)
         s = torch.as_tensor(self.score_fn(GroupStats(xx, xv, vv, plan.numel)))
         return s.to(self.device, torch.float64).reshape(-1)
 
@@ -677,8 +683,8 @@ class H2SPG(Optimizer):
         self._scores.mul_(self.omega).add_(s, alpha=1.0 - self.omega)
 
     def _select(self) -> None:
-        """Algorithm 3, line 8, on scores every rank agrees on (rank 0's, under DDP).  One of
-        the two steps that read from the device."""
+        """Algorithm 3, line 8, on scores every rank agrees on (rank 0's, under DDP).  The one
+        step that reads from the device."""
         self.check_finite()
         scores = self._scores.tolist()
         if not all(math.isfinite(s) for s in scores):
@@ -755,14 +761,22 @@ class H2SPG(Optimizer):
                      sizes.to(self.device), by_param, index)
 
     def _member_lr(self, plan: _Plan) -> Tensor:
-        """Each member's learning rate now (schedulers change it), as a device vector, rebuilt
-        only when a learning rate changed."""
+        """Each member's learning rate now (schedulers change it), as a device vector."""
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        lrs = tuple(group_of[id(part.param)]["lr"] for part in plan.parts)
-        cached = getattr(self, "_lr_cache", None)
-        if cached is None or cached[0] != lrs:
-            self._lr_cache = (lrs, torch.tensor(lrs, dtype=torch.float64).to(self.device, non_blocking=True))
-        return self._lr_cache[1]
+        return self._on_device("lr", [group_of[id(part.param)]["lr"] for part in plan.parts])
+
+    def _on_device(self, key: str, values: list[float]) -> Tensor:
+        """Host values as a float64 vector on the device, copied only when they change (a
+        learning rate after a scheduler step, Adam's bias correction in its first few hundred
+        steps), and then without waiting for the device: from pinned memory, non-blocking."""
+        values = tuple(values)
+        cached = self._copies.get(key)
+        if cached is None or cached[0] != values:
+            host = torch.tensor(values, dtype=torch.float64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self._copies[key] = cached = (values, host.to(self.device, non_blocking=True))
+        return cached[1]
 
     def _single_tensor_member_dots(self, plan: _Plan, dots_of: dict[int, list]) -> Tensor:
         """[M, 4] from the loop's per-member inner products (a member without gradient: its
@@ -778,8 +792,7 @@ class H2SPG(Optimizer):
             rows.append(torch.stack(three))
         if not rows:
             return torch.zeros(0, 4, dtype=torch.float64, device=self.device)
-        c = [dots_of[m][3] if m in dots_of else 1.0 for m in range(len(plan.parts))]
-        cs = torch.tensor(c, dtype=torch.float64).to(self.device, non_blocking=True)
+        cs = self._on_device("c", [dots_of[m][3] if m in dots_of else 1.0 for m in range(len(plan.parts))])
         return torch.cat([torch.stack(rows).double(), cs[:, None]], 1)
 
     def _multi_tensor_member_dots(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
@@ -800,9 +813,7 @@ class H2SPG(Optimizer):
             xs.append(_flat(x))
             vs.append(_flat(v))
             cs.append(c)
-        dots = _foreach_dots(xs, vs)
-        cs = torch.tensor(cs, dtype=torch.float64).to(self.device, non_blocking=True)
-        return torch.cat([dots, cs[:, None]], 1)
+        return torch.cat([_foreach_dots(xs, vs), self._on_device("c", cs)[:, None]], 1)
 
     def _count(self, p: Tensor) -> int:
         """Advance p's Adam step count and return it.  The state keeps it as torch.optim's Adam
@@ -835,7 +846,7 @@ class H2SPG(Optimizer):
             self._position_cache = (key, torch.tensor([where[k] for k in key], dtype=torch.long).to(self.device))
         bad = ~probes.isfinite()
         which = self._position_cache[1].index_select(0, bad.int().argmax().reshape(1))  # not [tensor]: that reads
-        first = torch.cat([torch.tensor([self._step], device=self.device), which])
+        first = torch.cat([self._step_on_device, which])
         self._bad = torch.where((self._bad[0] < 0) & bad.any(), first, self._bad)
 
     # -- the plain steps: torch.optim's SGD, Adam and AdamW -------------------------------------
@@ -1019,6 +1030,7 @@ class H2SPG(Optimizer):
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
         self._position_cache = None
         self._counts = {}
+        self._step_on_device = torch.tensor([self._step], dtype=torch.long, device=self.device)
 
 
 def _plain_step(p: Tensor, d: _Direction) -> None:
