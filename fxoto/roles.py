@@ -146,9 +146,43 @@ def _add(node: fx.Node, m: None) -> OpRule:
     return ADD if node.kwargs.get("alpha", 1) == 1 else UNKNOWN
 
 
+FIXED = "fxoto.fixed"  # node.meta: computed from variables and constants alone, never from a graph input
+FACTORS = "fxoto.factors"  # node.meta of a product: its operands computed from variables (see _scale)
+
+
+def _operands(node: fx.Node) -> list:
+    if node.op == "call_method":
+        return list(node.args[:2])
+    return [node.args[0] if node.args else node.kwargs.get("input"),
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("other")]
+
+
+def _fixed(arg) -> bool:
+    return not isinstance(arg, fx.Node) or arg.meta.get(FIXED, False)
+
+
 def _scale(node: fx.Node, m: None) -> OpRule:
-    # x * c or x * parameter maps zero to zero; a product of two activations is
-    # no joint (DESIGN 2) and is left to the segment pass (two data inputs).
+    """``x * c``: a scaling by a number, a buffer, a parameter or anything computed from
+    variables alone (``gamma.view(1, -1, 1, 1)``, ``softplus(gain)``) maps zero to zero.
+
+    Such operands are the product's factors (``node.meta["fxoto.factors"]``): they
+    are no data input of the product, and their variables are the product's own.
+    A product of two activations is no joint (DESIGN 2) and is left to the segment
+    pass (two data inputs).
+    """
+    operands = _operands(node)
+    if sum(not _fixed(a) for a in operands) == 1:
+        node.meta[FACTORS] = tuple(a for a in operands if isinstance(a, fx.Node) and _fixed(a))
+    return ELEMENTWISE
+
+
+def _quotient(node: fx.Node, m: None) -> OpRule:
+    """``x / c`` with ``c`` fixed (a number, or computed from variables alone) scales ``x``."""
+    x, c = _operands(node)
+    if _fixed(x) or not _fixed(c) or node.kwargs.get("rounding_mode") is not None:
+        return UNKNOWN
+    if isinstance(c, fx.Node):
+        node.meta[FACTORS] = (c,)
     return ELEMENTWISE
 
 
@@ -235,6 +269,8 @@ _DEFAULT_FUNCTIONS: dict[Callable, Rule] = {
     torch.add: _add,
     operator.mul: _scale,
     torch.mul: _scale,
+    operator.truediv: _quotient,
+    torch.div: _quotient,
     operator.getitem: _getitem,
     torch.permute: RESHAPE,
     torch.transpose: RESHAPE,
@@ -256,6 +292,8 @@ _DEFAULT_METHODS: dict[str, Rule] = {
     "add_": _add,
     "mul": _scale,
     "mul_": _scale,
+    "div": _quotient,
+    "div_": _quotient,
     "sigmoid": BREAKS_ELEMENTWISE,
 }
 

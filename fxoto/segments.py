@@ -23,10 +23,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.roles import UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
+from fxoto.roles import FACTORS, FIXED, UNKNOWN, Channel, Joint, OpRule, OpTable, Role, Zero
 from fxoto.shapes import SHAPE, attr_value, submodule
 
 RULE = "fxoto.rule"
+REFUSED = "fxoto.refused"  # node.meta of a cat whose channels cannot be followed: why
 LIVE = "fxoto.live"
 REGION = "fxoto.region"
 SEGMENT = "fxoto.segment"
@@ -53,9 +54,22 @@ def mark_live(graph: fx.Graph) -> None:
                 stack.append(n)
 
 
+def mark_fixed(graph: fx.Graph) -> None:
+    """``node.meta["fxoto.fixed"]``: the node is computed from variables and constants alone.
+
+    A product by such a value scales its other operand (``roles._scale``).
+    """
+    for node in graph.nodes:
+        ins = node.all_input_nodes
+        node.meta[FIXED] = node.op == "get_attr" or (
+            node.op in ("call_function", "call_method", "call_module") and bool(ins) and all(n.meta[FIXED] for n in ins)
+        )
+
+
 def data_inputs(node: fx.Node) -> list[fx.Node]:
-    """Distinct data nodes among the node's inputs, in argument order."""
-    return [n for n in node.all_input_nodes if is_data(n)]
+    """Distinct data nodes among the node's inputs, in argument order (a product's factors are none)."""
+    factors = node.meta.get(FACTORS, ())
+    return [n for n in node.all_input_nodes if is_data(n) and n not in factors]
 
 
 PARAMS = "fxoto.params"
@@ -84,13 +98,30 @@ def _find_parameters(node: fx.Node, root: nn.Module) -> list[tuple[str, nn.Param
                 seen.add(id(p))
                 found.append((prefix + name, p))
         return found
+    if _factor_only(node):
+        return []  # its variables are those of the products it scales
     found = []
-    for arg in node.all_input_nodes:
+    args = list(node.all_input_nodes)
+    factors = list(node.meta.get(FACTORS, ()))
+    while factors:  # a product owns the variables its factors are computed from
+        factor = factors.pop()
+        if factor.op == "get_attr":
+            args.append(factor)
+        else:
+            factors.extend(factor.all_input_nodes)
+    for arg in dict.fromkeys(args):
         if arg.op == "get_attr":
             value = attr_value(arg, root)
-            if isinstance(value, nn.Parameter):
+            if isinstance(value, nn.Parameter) and all(value is not p for _, p in found):
                 found.append((arg.target, value))
     return found
+
+
+def _factor_only(node: fx.Node) -> bool:
+    """A value computed from variables whose every use is as a product's factor (``gamma.view(1, -1, 1, 1)``)."""
+    if node.op == "get_attr" or not node.meta.get(FIXED):
+        return False
+    return all(node in u.meta.get(FACTORS, ()) or _factor_only(u) for u in node.users)
 
 
 @dataclass(frozen=True)
@@ -112,6 +143,9 @@ class ChannelRegion:
     per_channel: tuple[tuple[str, int], ...]
     consumers: tuple[tuple[str, int, int], ...]
     cats: tuple[str, ...]
+    # Products by a per-channel factor read from the model: (node, factor's get_attr
+    # target, the factor's dim along the channels, shift); sliced, never zeroed.
+    scales: tuple[tuple[str, str, int, int], ...] = ()
 
 
 def _cat_dim(node: fx.Node) -> int:
@@ -147,23 +181,41 @@ def _reduce_dims(node: fx.Node, ndim: int) -> tuple[tuple[int, ...], bool] | Non
     return tuple(d % ndim for d in dims), bool(keepdim)
 
 
-def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion | None:
-    """Follow the concatenated dim to the stems reading it; None when that is not exact.
+class ChannelsNotFollowed(Exception):
+    """``channel_region`` cannot follow a concat's channels exactly; the message says where and why."""
+
+
+def _factor_channel(factor: fx.Node, in_shape: torch.Size, tdim: int) -> int | None:
+    """The factor's dim that runs along the tracked dim when it broadcasts against ``in_shape``, or None
+    when the factor is the same for every channel (size 1 there, or fewer dims)."""
+    shape = factor.meta.get(SHAPE)
+    k = tdim - (len(in_shape) - len(shape)) if isinstance(shape, torch.Size) else -1
+    return k if k >= 0 and shape[k] != 1 else None
+
+
+def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
+    """Follow the concatenated dim to the stems reading it; raise ``ChannelsNotFollowed`` when that is not exact.
 
     Every path from the ``cat`` must reach a stem that reads the tracked dim,
     through nodes that keep a zero channel zero (DESIGN section 3): elementwise
     ops that preserve zero, pooling, flatten, enclosing cats along the same dim,
     per-channel batch norm (whose slices then belong to the erased input's
-    group).  Anything else (an add, a sigmoid, a layer norm, the graph output,
-    a grouped convolution) refuses.
+    group), products by a per-channel factor read from the model (a parameter,
+    buffer or constant ``gamma`` of shape [C, 1, 1]: sliced with the channels).
+    Anything else (an add, a sigmoid, a layer norm, the graph output, a grouped
+    convolution, a factor computed from variables that varies along the channels)
+    refuses.
     """
+    def refuse(user: fx.Node, why: str) -> None:
+        raise ChannelsNotFollowed(f"what '{cat.name}' concatenates reaches node '{user.name}', which {why}")
+
     inputs = _cat_inputs(cat)
     if inputs is None or len(inputs) < 2 or len(set(inputs)) != len(inputs):
-        return None
+        raise ChannelsNotFollowed(f"'{cat.name}' does not concatenate two or more distinct tensors given as a list")
     dim = _cat_dim(cat)
     sizes = tuple(n.meta[SHAPE][dim] for n in inputs)
     offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
-    per_channel, consumers, cats = [], [], []
+    per_channel, consumers, cats, scales = [], [], [], []
     stack: list[tuple[fx.Node, int, int, int]] = [(cat, dim, 1, 0)]
     seen = set()
     while stack:
@@ -173,31 +225,39 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion 
                 continue
             seen.add((user, tdim, block, shift))
             if user.op == "output" or not is_data(user):
-                return None
+                refuse(user, "is the graph output: the caller would see fewer channels")
             rule = rules[user]
             in_shape, out_shape = node.meta[SHAPE], user.meta[SHAPE]
             if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
-                return None
+                refuse(user, "takes or makes something other than one tensor")
             if rule.joint is Joint.CAT:
                 outer = _cat_inputs(user)
                 if outer is None or outer.count(node) != 1 or _cat_dim(user) != tdim or block != 1:
-                    return None
+                    refuse(user, "concatenates them again along another dim or after a flatten")
                 position = outer.index(node)
                 cats.append(user.name)
                 stack.append((user, tdim, block, shift + sum(n.meta[SHAPE][tdim] for n in outer[:position])))
                 continue
             if data_inputs(user) != [node]:
-                return None
+                refuse(user, "combines them with another activation (only a concat or a stem may read them)")
+            for factor in user.meta.get(FACTORS, ()):
+                k = _factor_channel(factor, in_shape, tdim)
+                if k is None:
+                    continue
+                if factor.op != "get_attr" or block != 1:
+                    refuse(user, f"scales them by '{factor.name}', which varies along the channels but is computed "
+                                 f"in forward (only a parameter, buffer or constant read as it is can be sliced)")
+                scales.append((user.name, factor.target, k, shift))
             kind = rule.channel
             if kind is Channel.CONSUME:
                 if rule.reads is None or tdim != rule.reads % len(in_shape):
-                    return None
+                    refuse(user, "reads another dim than the concatenated one")
                 consumers.append((user.name, block, shift))
             elif kind is Channel.PER_CHANNEL and tdim == 1 and block == 1:
                 per_channel.append((user.name, shift))
                 stack.append((user, tdim, block, shift))
             elif rule.zero is not Zero.PRESERVES:
-                return None
+                refuse(user, "does not keep a zero channel zero")
             elif kind is Channel.ELEMENTWISE and in_shape == out_shape:
                 stack.append((user, tdim, block, shift))
             elif kind is Channel.SPATIAL and tdim == 1 and block == 1 and len(in_shape) == len(out_shape) and in_shape[1] == out_shape[1]:
@@ -208,16 +268,17 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion 
                 dims, keepdim = reduced
                 stack.append((user, tdim if keepdim else tdim - sum(d < tdim for d in dims), block, shift))
             else:
-                return None
+                refuse(user, f"moves or mixes channels in a way fxoto does not follow ({rule.channel.value})")
     if not consumers:
-        return None
+        raise ChannelsNotFollowed(f"no convolution or linear layer reads the channels of '{cat.name}'")
     unique = lambda items: tuple(dict.fromkeys(items))  # noqa: E731
-    return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats))
+    return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats), unique(scales))
 
 
 def annotate_rules(graph: fx.Graph, root: nn.Module, table: OpTable) -> None:
     """Write each data node's rule, demoting joints that cannot be removed from."""
     mark_live(graph)
+    mark_fixed(graph)
     rules: dict[fx.Node, OpRule] = {}
     for node in graph.nodes:
         if is_data(node):
@@ -231,11 +292,11 @@ def annotate_rules(graph: fx.Graph, root: nn.Module, table: OpTable) -> None:
             if len(ins) < 2 or not carriers:
                 rules[node] = UNKNOWN
         elif rule.joint is Joint.CAT:
-            region = channel_region(node, rules)
-            if region is None:
+            try:
+                node.meta[REGION] = channel_region(node, rules)
+            except ChannelsNotFollowed as refused:
                 rules[node] = UNKNOWN
-            else:
-                node.meta[REGION] = region
+                node.meta[REFUSED] = str(refused)
     for node, rule in rules.items():
         node.meta[RULE] = rule
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
+from fxoto.segments import REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
@@ -135,9 +135,13 @@ def find_gezigs(graph: fx.Graph, root: nn.Module, segments: list[Segment]) -> tu
             continue
         chain = [nodes_by_name[n] for n in seg.nodes]
         end = chain[-1]
-        if not users(end) or not all(is_joint(u) for u in users(end)):
+        refused = [u for u in users(end) if REFUSED in u.meta]
+        if not users(end) or not all(is_joint(u) or u in refused for u in users(end)):
             continue
         if not _has_params(seg, nodes_by_name, root):
+            continue
+        if refused:
+            excluded.append(Exclusion(seg.nodes, f"feeds a concat that is no joint: {refused[0].meta[REFUSED]}"))
             continue
         start, why = _zeroing_start(chain, root, region_nodes)
         if start is None:

@@ -5,8 +5,10 @@
 1. the joints lose the erased operands: an ``add`` sums the others, a ``cat``
    concatenates the others;
 2. what read the erased channels is sliced: after a ``cat``, the stems'
-   input features (conv / linear weight columns, following flattens) and the
-   per-channel variables and statistics on the way (batch norm);
+   input features (conv / linear weight columns, following flattens), the
+   per-channel variables and statistics on the way (batch norm) and the
+   per-channel factors of products (``cat(...) * gamma``); a weight read at
+   several places is sliced per place where the places differ;
 3. a joint left with one input becomes that input, vertices that no longer
    reach the output go (dead-code elimination), in-place ops whose input
    others also read become out-of-place (an ``add`` that vanished must not
@@ -36,9 +38,11 @@ def _erased_nodes(space, ids) -> set[str]:
 
 
 def _removed_features(gm: fx.GraphModule, erased: set[str]):
-    """Original input-feature indices to drop, per consumer stem and per per-channel node."""
+    """Original input-feature indices to drop, per consumer stem, per per-channel node, and per
+    (product, factor target, factor dim) for the per-channel factors of products."""
     consume: dict[str, set[int]] = defaultdict(set)
     per_channel: dict[str, set[int]] = defaultdict(set)
+    factors: dict[tuple[str, str, int], set[int]] = defaultdict(set)
     for cat in gm.graph.nodes:
         region: ChannelRegion | None = cat.meta.get(REGION)
         if region is None or cat.name in erased:
@@ -51,7 +55,9 @@ def _removed_features(gm: fx.GraphModule, erased: set[str]):
                 consume[name].update(range(lo, lo + size * block))
             for name, shift in region.per_channel:
                 per_channel[name].update(range(shift + off, shift + off + size))
-    return consume, per_channel
+            for name, target, dim, shift in region.scales:
+                factors[(name, target, dim)].update(range(shift + off, shift + off + size))
+    return consume, per_channel, factors
 
 
 def _keep(n: int, drop: set[int], device: torch.device) -> torch.Tensor:
@@ -171,6 +177,39 @@ def _slice_at_site(gm: fx.GraphModule, node: fx.Node, drop: frozenset[int]) -> N
     graph.erase_node(node)
 
 
+def _slice_factors(gm: fx.GraphModule, factors: dict[tuple[str, str, int], set[int]], erased: set[str]) -> None:
+    """Slice the per-channel factors of products (``cat(...) * gamma``) with the channels.
+
+    As for a shared weight: in place when every live reader drops the same
+    channels, else each product that drops channels reads ``index_select``.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sites = _sites(gm)
+    drops_of: dict[tuple[str, str], dict[str, tuple[int, frozenset[int]]]] = defaultdict(dict)
+    for (name, target, dim), drop in factors.items():
+        if name not in erased:
+            owner, _, attr = target.rpartition(".")
+            drops_of[(owner, attr)][name] = (dim, frozenset(drop))
+    for (owner_path, attr), drops in drops_of.items():
+        live = [n for n in dict.fromkeys(sites[(owner_path, attr)]) if n.name not in erased]
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, attr)
+        if len({drops.get(n.name) for n in live}) == 1:
+            dim, drop = next(iter(drops.values()))
+            _slice_param(owner, attr, dim, _keep(value.shape[dim], drop, value.device))
+            continue
+        for name, (dim, drop) in drops.items():
+            node = nodes[name]
+            keep_name = f"{name}_keep"
+            gm.register_buffer(keep_name, _keep(value.shape[dim], drop, value.device))
+            with gm.graph.inserting_before(node):
+                keep = gm.graph.get_attr(keep_name)
+                full = gm.graph.get_attr(f"{owner_path}.{attr}" if owner_path else attr)
+                sliced = gm.graph.call_function(torch.index_select, (full, dim, keep))
+            old = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == full.target)
+            node.replace_input_with(old, sliced)
+
+
 def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     module = gm.get_submodule(node.target)
     if isinstance(module, nn.PReLU):
@@ -275,10 +314,11 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     ids = space.zero_groups() if ids is None else sorted(set(ids))
     space.check_removal(ids)
     erased = _erased_nodes(space, ids)
-    consume, per_channel = _removed_features(space.gm, erased)
+    consume, per_channel, factors = _removed_features(space.gm, erased)
 
     sub = copy.deepcopy(space.gm)
     _slice_consumers(sub, consume, erased)
+    _slice_factors(sub, factors, erased)
     nodes = {n.name: n for n in sub.graph.nodes}
     for name, drop in per_channel.items():
         if name not in erased:
