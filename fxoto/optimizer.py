@@ -574,12 +574,9 @@ class H2SPG(Optimizer):
         else:
             dots, held = self._single_tensor_pass(work, plan, use_direction=True, hold=True)
         a, b = self._hybrid_coefficients(plan, dots)
-        for p, d in held:
-            _scaled_step(p, d, a, b, plan.index[id(p)])
         moved = {id(p) for p, _ in held}
-        for key, ms in plan.by_param.items():  # no gradient: f does not move them, the lasso term still does
-            if key not in moved:
-                _scaled_step(plan.parts[ms[0]].param, None, a, b, plan.index[key])
+        still = [plan.parts[ms[0]].param for key, ms in plan.by_param.items() if key not in moved]
+        _scaled_steps(held + [(p, None) for p in still], a, b, plan)  # no gradient: the lasso term alone
 
     def _single_tensor_pass(self, work, plan: _Plan, use_direction: bool,
                             hold: bool) -> tuple[Tensor, list[tuple[Tensor, _Direction]]]:
@@ -1041,15 +1038,29 @@ def _plain_step(p: Tensor, d: _Direction) -> None:
         p.addcdiv_(d.num, d.den, value=-d.step)
 
 
-def _scaled_step(p: Tensor, d: _Direction | None, a: Tensor, b: Tensor, index: int | Tensor) -> None:
-    """x <- a x - step b num for a parameter holding members (x <- a x where it has no
-    gradient, ``d`` None): ``a``, ``b`` are per-member vectors with a trailing 1, ``index``
-    picks each element's entry (``_Plan.index``)."""
-    if isinstance(index, int):
-        ai, bi = a[index], b[index]
-    else:
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        ai, bi = a[index].view(shape), b[index].view(shape)
-    p.mul_(ai.to(p.dtype))
-    if d is not None:
-        p.addcmul_(d.num, bi.to(p.dtype), value=-d.step)
+def _scaled_steps(held: list[tuple[Tensor, _Direction | None]], a: Tensor, b: Tensor, plan: _Plan) -> None:
+    """x <- a x - step b num for each parameter holding members (x <- a x where it has no
+    gradient, direction None): ``a``, ``b`` are per-member vectors with a trailing 1, and
+    ``plan.index`` picks each element's entry, broadcast along the member's dimension.
+    Multi-tensor calls (a loop in C++ where the shapes differ)."""
+    if not held:
+        return
+    cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+    ps, scales, terms = [], [], []
+    for p, d in held:
+        if p.dtype not in cast:
+            cast[p.dtype] = (a.to(p.dtype), b.to(p.dtype))
+        ai, bi = cast[p.dtype]
+        index = plan.index[id(p)]
+        if isinstance(index, int):
+            ai, bi = ai[index], bi[index]
+        else:
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            ai, bi = ai[index].view(shape), bi[index].view(shape)
+        ps.append(p)
+        scales.append(ai)
+        if d is not None:
+            terms.append((p, d.num, bi, -d.step))
+    torch._foreach_mul_(ps, scales)
+    if terms:
+        torch._foreach_addcmul_(*(list(t) for t in zip(*terms)))
