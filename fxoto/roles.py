@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.swin_transformer import shifted_window_attention
 from torchvision.ops import stochastic_depth
 
 from fxoto.shapes import submodule
@@ -255,6 +256,10 @@ _DEFAULT_FUNCTIONS: dict[Callable, Rule] = {
     **{f: SPATIAL for f in _SPATIAL_FUNCTIONS},
     torch.flatten: FLATTEN,
     stochastic_depth: ELEMENTWISE,
+    # Swin's attention, wrapped for fx: its output is proj(...), zero when its variables
+    # (qkv and proj weights and biases, v2's logit scale) are.  Its second tensor input,
+    # the relative-position bias, is computed from a table and read only here.
+    shifted_window_attention: OpRule(Role.STEM, Zero.OWN_VARIABLES),
     torch.sigmoid: BREAKS_ELEMENTWISE,
     F.sigmoid: BREAKS_ELEMENTWISE,
     F.hardsigmoid: BREAKS_ELEMENTWISE,

@@ -224,8 +224,11 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
             if (user, tdim, block, shift) in seen:
                 continue
             seen.add((user, tdim, block, shift))
-            if user.op == "output" or not is_data(user):
+            if user.op == "output":
                 refuse(user, "is the graph output: the caller would see fewer channels")
+            if not is_data(user):
+                refuse(user, "reads their shape (x.size(), x.shape) to compute a view or reshape, as a channel "
+                             "shuffle does: fxoto does not follow channel permutations")
             rule = rules[user]
             in_shape, out_shape = node.meta[SHAPE], user.meta[SHAPE]
             if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
@@ -238,6 +241,9 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
                 cats.append(user.name)
                 stack.append((user, tdim, block, shift + sum(n.meta[SHAPE][tdim] for n in outer[:position])))
                 continue
+            if rule.joint is Joint.ADD or rule.role is Role.UNKNOWN:
+                refuse(user, "adds to them or combines them in a way fxoto does not know (only a concat, a "
+                             "stem, or ops that keep a zero channel zero may read them)")
             if data_inputs(user) != [node]:
                 refuse(user, "combines them with another activation (only a concat or a stem may read them)")
             for factor in user.meta.get(FACTORS, ()):

@@ -10,7 +10,7 @@ from torch import nn
 import fxoto
 from fxoto.shapes import SHAPE
 from util import real_shapes, segment_ends
-from zoo_models import EXPECTED_COUNTS, NO_JOINT, SHUFFLED, TORCHVISION, build, input_size
+from zoo_models import EXPECTED_COUNTS, NO_JOINT, SHUFFLED, SHUFFLED_SET_ASIDE, TORCHVISION, build, input_size
 
 
 @dataclass
@@ -43,6 +43,9 @@ def test_search_space_of_torchvision_model(case):
     assert recorded == real_shapes(space.graph, case.model, (case.x,)), f"{case.name}: recorded shapes differ from a real run's"
     if case.name in NO_JOINT or case.name in SHUFFLED:
         assert space.groups == []
+        if case.name in SHUFFLED:  # every branch set aside, saying why
+            assert len(space.excluded) == SHUFFLED_SET_ASIDE
+            assert all("channel shuffle" in e.reason for e in space.excluded)
         return
     assert space.groups, f"{case.name}: residual or multi-branch structure but no GeZIG"
     if case.name in EXPECTED_COUNTS:

@@ -13,19 +13,24 @@ TORCHVISION = torchvision.models.list_models(module=torchvision.models)
 
 # Models with no joint at all (DESIGN 3): an empty search space is the right answer.
 NO_JOINT = {n for n in TORCHVISION if n.startswith(("alexnet", "vgg"))}
-# ShuffleNetV2 shuffles channels after its concat: excluded until the index
-# bookkeeping follows the shuffle (DESIGN 3).
+# ShuffleNetV2 shuffles channels after its concat: its 19 branches (the independent
+# reading's 19 GeZIGs) are set aside with that reason until the index bookkeeping
+# follows the shuffle (DESIGN 3).
 SHUFFLED = {n for n in TORCHVISION if n.startswith("shufflenet")}
+SHUFFLED_SET_ASIDE = 19
 
-# GeZIG counts from DESIGN section 3, found by an independent prototype.
+# GeZIG counts from DESIGN section 3 and issue 12, found by an independent prototype.
 EXPECTED_COUNTS = {
     "resnet18": 11, "resnet50": 20, "mobilenet_v2": 10, "efficientnet_b0": 9,
     "densenet121": 58, "googlenet": 36, "inception_v3": 44, "regnet_x_400mf": 26,
+    "swin_t": 24, "swin_s": 48, "swin_b": 48,
 }
 
 
 def input_size(name: str) -> int:
-    if name.startswith(("vit_", "swin", "maxvit")):
+    if name.startswith("swin"):
+        return 64  # Swin pads to whole windows: a small input runs every block, shifted windows included
+    if name.startswith(("vit_", "maxvit")):
         return 224  # fixed patch grids and attention windows
     if name.startswith("inception"):
         return 75  # the smallest input Inception-v3 accepts
