@@ -411,7 +411,7 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
     """``node 'cat_3' (torch.cat, in module 'cells.2': Cell)``."""
     if node.op == "call_module":
         return f"node '{node.name}' (module '{node.target}': {type(submodule(root, node.target)).__name__})"
-    what = f".{node.target}()" if node.op == "call_method" else fx.node._get_qualified_name(node.target)
+    what = f".{node.target}()" if node.op == "call_method" else fx.node._get_qualified_name(node.target).removeprefix("_")
     stack = node.meta.get("nn_module_stack")
     if stack:
         path, kind = next(reversed(stack.values()))

@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxoto.errors import InvalidRemovalError
 from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs
 
@@ -142,6 +143,30 @@ def _slice_in_place(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
 
 
 _FUNCTIONAL = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_FUNCTIONAL_T = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+                 nn.ConvTranspose3d: F.conv_transpose3d}
+
+
+def _functional_call(graph: fx.Graph, m: nn.Module, node: fx.Node, weight: fx.Node, path: str) -> fx.Node:
+    """``m(x)`` with ``weight`` instead of ``m.weight``: what the module's own ``forward`` computes."""
+    x = node.args[0]
+    bias = graph.get_attr(f"{path}.bias") if m.bias is not None else None
+    if isinstance(m, nn.Linear):
+        return graph.call_function(F.linear, (x, weight, bias))
+    if type(m) in _FUNCTIONAL:
+        padding = m.padding
+        if m.padding_mode != "zeros":  # as _ConvNd._conv_forward: pad first, then no padding
+            x = graph.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
+            padding = 0
+        return graph.call_function(_FUNCTIONAL[type(m)], (x, weight, bias, m.stride, padding, m.dilation, m.groups))
+    if type(m) in _FUNCTIONAL_T and len(node.args) == 1 and not node.kwargs:  # no output_size given
+        return graph.call_function(_FUNCTIONAL_T[type(m)], (x, weight, bias, m.stride, m.padding,
+                                                            m.output_padding, m.groups, m.dilation))
+    raise InvalidRemovalError(
+        f"node '{node.name}' calls module '{path}' ({type(m).__name__}), which is called at several places that "
+        f"read different channels; fxoto slices such a shared module per call site only for Linear, Conv and "
+        f"ConvTranspose. Keep the groups that feed it (do not zero them), or give each call site its own module."
+    )
 
 
 def _slice_at_site(gm: fx.GraphModule, node: fx.Node, drop: frozenset[int]) -> None:
@@ -160,18 +185,7 @@ def _slice_at_site(gm: fx.GraphModule, node: fx.Node, drop: frozenset[int]) -> N
         if node.op != "call_module":
             node.args = (node.args[0], sliced, *node.args[2:])
             return
-        bias = graph.get_attr(f"{owner_path}.bias") if owner.bias is not None else None
-        if isinstance(owner, nn.Linear):
-            call = graph.call_function(F.linear, (node.args[0], sliced, bias))
-        elif type(owner) in _FUNCTIONAL and owner.padding_mode == "zeros":
-            call = graph.call_function(_FUNCTIONAL[type(owner)], (node.args[0], sliced, bias, owner.stride,
-                                                                  owner.padding, owner.dilation, owner.groups))
-        else:
-            raise NotImplementedError(
-                f"node '{node.name}' calls shared module '{owner_path}' ({type(owner).__name__}) whose input "
-                f"features differ between its call sites; fxoto slices only Conv1d/2d/3d (zero padding) and "
-                f"Linear per call site"
-            )
+        call = _functional_call(graph, owner, node, sliced, owner_path)
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     graph.erase_node(node)
