@@ -297,6 +297,8 @@ def annotate_rules(graph: fx.Graph, root: nn.Module, table: OpTable) -> None:
             carriers = [n for n in ins if n.meta[SHAPE] == node.meta[SHAPE]]
             if len(ins) < 2 or not carriers:
                 rules[node] = UNKNOWN
+        elif rule.joint is Joint.CAT and len(data_inputs(node)) < 2:
+            rules[node] = UNKNOWN  # cat([x]) or cat([x, x]): no joint, nothing to refuse (DESIGN 2)
         elif rule.joint is Joint.CAT:
             try:
                 node.meta[REGION] = channel_region(node, rules)
