@@ -388,12 +388,8 @@ class H2SPG(Optimizer):
             for m, part in zip(g.members, parts):
                 if id(part.param) not in owned:
                     raise ValueError(f"parameter '{m.param}' of GeZIG g{g.id} is not among the optimizer's params")
-        devices = {p.device for group in self.param_groups for p in group["params"]}
-        if len(devices) > 1 or any(d.type == "meta" for d in devices):
-            raise DeviceError(f"H2SPG's parameters lie on {sorted(map(str, devices))}: it trains a model whose "
-                              f"parameters are on one real device; move the model there first")
-        self.device = devices.pop() if devices else torch.device("cpu")
-        self.foreach = self.device.type == "cuda" if foreach is None else foreach
+        self._foreach_choice = foreach
+        self._locate()
 
         n = len(space.groups)
         vec = dict(dtype=torch.float64, device=self.device)
@@ -407,12 +403,21 @@ class H2SPG(Optimizer):
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first non-finite: step, param
         self._all = self._plan(range(n))
         self._hot: _Plan | None = None
-        self._settled = False  # every redundant group zero and its state cleared (the pruned phase)
         self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
         self._counts: dict[int, int] = {}  # Adam's step count per parameter (id), on the host
         self._copies: dict[str, tuple[tuple[float, ...], Tensor]] = {}  # see _on_device
         self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for _check_probes
+
+    def _locate(self) -> None:
+        """The device of the parameters (one, and real), where H2SPG keeps its own state, and
+        the execution path's default there."""
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) > 1 or any(d.type == "meta" for d in devices):
+            raise DeviceError(f"H2SPG's parameters lie on {sorted(map(str, devices))}: it trains a model whose "
+                              f"parameters are on one real device; move the model there first")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.foreach = self.device.type == "cuda" if self._foreach_choice is None else self._foreach_choice
 
     # -- what a user reads ----------------------------------------------------------------
     @property
@@ -448,14 +453,11 @@ class H2SPG(Optimizer):
         """``"warmup"``, ``"hybrid"`` or ``"pruned"`` (redundant groups pinned at zero)."""
         if self._redundant is None:
             return "warmup"
-        return "pruned" if self._settled or self._step >= self.warmup_steps + self.pruning_steps else "hybrid"
+        return "pruned" if self._step >= self.warmup_steps + self.pruning_steps else "hybrid"
 
     def check_finite(self) -> None:
         """Raise ``NonFiniteGradientError`` if a gradient held inf or NaN since the start.
-
-        One read from the device.  Also ends the hybrid phase early once every redundant
-        group is zero (under ``lambda_rule="paper"`` the projection may finish before the
-        budget does)."""
+        One read from the device."""
         step, index = self._bad.tolist()
         if step >= 0:
             name = self._names.get(id(self._order[index]), "?")
@@ -467,8 +469,6 @@ class H2SPG(Optimizer):
                 f"values: restore the last checkpoint. Lower the learning rate, check the loss for overflow, or "
                 f"train with torch.amp.GradScaler, which skips such steps."
             )
-        if self.phase == "hybrid" and bool(self._zero[self._redundant].all()):
-            self._settle()
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Any]:
@@ -541,7 +541,7 @@ class H2SPG(Optimizer):
         self._step_on_device += 1
         if self._redundant is None and self._step >= self.warmup_steps:
             self._select()
-        elif self._redundant is not None and not self._settled and self._step == self.warmup_steps + self.pruning_steps:
+        elif self._redundant is not None and self._step == self.warmup_steps + self.pruning_steps:
             self._force()
         return loss
 
@@ -704,13 +704,9 @@ class H2SPG(Optimizer):
         self._forced |= left
         self._zeroed_at.masked_fill_(left, self._step - 1)
         self._zero |= hot
-        self._settle()
-
-    def _settle(self) -> None:
-        """Every redundant group is zero: clear its optimizer state; from now on its whole
-        parameters take no step and its slices are set back to zero after each step."""
+        # Every redundant group is zero, with its optimizer state; from now on its whole
+        # parameters take no step and its slices are set back to zero after each step.
         self._rezero(self._hot, whole=True)
-        self._settled = True
         self._lambda.zero_()
 
     def _pinned_whole(self) -> set[int]:
@@ -995,13 +991,13 @@ class H2SPG(Optimizer):
             "zero": self._zero.clone(),
             "zeroed_at": self._zeroed_at.clone(),
             "forced": self._forced.clone(),
-            "settled": self._settled,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()`` (written on any device: its tensors move to the
-        parameters'); like param_groups, its settings replace the constructor's."""
+        parameters', which may have moved since this optimizer was built); like param_groups,
+        its settings replace the constructor's."""
         state_dict = dict(state_dict)
         h = state_dict.pop("h2spg", None)
         if h is None:
@@ -1012,6 +1008,9 @@ class H2SPG(Optimizer):
                 f"{len(self._parts)} GeZIGs with variant {self.variant!r}"
             )
         super().load_state_dict(state_dict)
+        self._locate()
+        self._all = self._plan(range(len(self._parts)))
+        self._copies = {}
         for key in ("K", "warmup_steps", "pruning_steps", "lambda_rule", "omega", "epsilon", "lambda0",
                     "lambda_amplify", "hat_lambda_coef"):
             setattr(self, key, h[key])
@@ -1021,7 +1020,6 @@ class H2SPG(Optimizer):
         self._zero = h["zero"].to(self.device).clone()
         self._zeroed_at = h["zeroed_at"].to(self.device).clone()
         self._forced = h["forced"].to(self.device).clone()
-        self._settled = h["settled"]
         self._hot = None if self._redundant is None else self._plan(sorted(self._redundant))
         self._lambda = torch.zeros_like(self._scores)
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
