@@ -143,8 +143,10 @@ def run_demo(out: Path, epochs: int | None = None, quick: bool = False, seed: in
     else:
         model = DemoSupNet()
     epochs = epochs or (1 if quick else 5)
+    # Adam at its default lr (1e-3): with SGD at 0.05 (or 0.02) DemoSupNet's first epoch averaged a loss of
+    # 5-13 (its 12,544-input classifier); Adam's first epoch averages 1.1 and the run ends at 98.6 %.
     return run(model, example_input("demosupnet"), train, val, K=3, epochs=epochs, batch_size=64,
-               lr=None, variant="sgd", out=out, seed=seed, progress=not quick, device=device, amp=amp)
+               lr=None, variant="adam", out=out, seed=seed, progress=not quick, device=device, amp=amp)
 
 
 def run_search(*, model: nn.Module, example: torch.Tensor, data: str, data_root, download: bool, K, epochs: int,
