@@ -11,16 +11,19 @@ from fxoto.errors import (
     UnknownGroupError,
     UntraceableModelError,
 )
-from fxoto.optimizer import H2SPG, half_space_project, redundancy_score
+from fxoto.distributed import DistributedSetupError, RankMismatchError
+from fxoto.optimizer import H2SPG, GroupStats, half_space_project, redundancy_score, reference_score
 from fxoto.roles import DEFAULT_TABLE, Channel, Joint, OpRule, OpTable, Role, Zero
 from fxoto.search import Search, build_space, search
 from fxoto.space import GeZIG, Member, SearchSpace
+from fxoto.train import MixedPrecisionError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TABLE", "Channel", "DeviceError", "ExampleInputError", "FxotoError", "GeZIG", "H2SPG", "half_space_project", "redundancy_score", "InvalidRemovalError", "Joint",
-    "KTooLargeError", "Member", "NoSearchSpaceError", "NonFiniteGradientError", "OpRule",
-    "OpTable", "Role", "Search", "SearchSpace", "UnknownGroupError", "UntraceableModelError", "Zero",
-    "build_space", "search",
+    "DEFAULT_TABLE", "Channel", "DeviceError", "DistributedSetupError", "ExampleInputError", "FxotoError", "GeZIG",
+    "GroupStats", "H2SPG", "InvalidRemovalError", "Joint", "KTooLargeError", "Member", "MixedPrecisionError",
+    "NoSearchSpaceError", "NonFiniteGradientError", "OpRule", "OpTable", "RankMismatchError", "Role", "Search",
+    "SearchSpace", "UnknownGroupError", "UntraceableModelError", "Zero", "build_space", "half_space_project",
+    "redundancy_score", "reference_score", "search",
 ]
