@@ -107,8 +107,17 @@ AFFINE_NORM = OpRule(Role.ACCESSORY, Zero.OWN_VARIABLES, Channel.PER_CHANNEL)
 PLAIN_NORM = OpRule(Role.ACCESSORY, Zero.BREAKS, Channel.OPAQUE)
 
 
+# A depthwise convolution (one filter per channel, groups == in == out channels) maps
+# channel c to channel c alone: per-channel variables, like a batch norm's, sliced with
+# the channels after a cat (DESIGN 3, 6).
+DEPTHWISE = OpRule(Role.STEM, Zero.OWN_VARIABLES, Channel.PER_CHANNEL)
+
+
 def _conv(node: fx.Node, m: nn.Module) -> OpRule:
-    return _CONV[isinstance(m, nn.modules.conv._ConvTransposeNd), m.groups != 1]
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    if not transposed and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+        return DEPTHWISE
+    return _CONV[transposed, m.groups != 1]
 
 
 def _batch_norm(node: fx.Node, m: nn.Module) -> OpRule:

@@ -17,6 +17,7 @@ them (``F.conv2d(x, self.weight)`` is one stem), buffers are constants.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -124,28 +125,146 @@ def _factor_only(node: fx.Node) -> bool:
     return all(node in u.meta.get(FACTORS, ()) or _factor_only(u) for u in node.users)
 
 
+# Per channel of the cat, its index along the tracked dim of a tensor (-1: not in it); a
+# ``range`` while the channels stay consecutive, a tuple once a shuffle or a split moved them.
+Positions = tuple | range
+
+
 @dataclass(frozen=True)
 class ChannelRegion:
     """Where the channels of one ``cat`` joint go, up to the stems that read them.
 
-    ``offsets[i]`` is the first channel of input ``i``.  ``per_channel`` lists
-    the nodes with per-channel variables (batch norm) on the way, with the
-    shift of this cat's channel 0 in their input (non-zero when the channels
-    pass through an enclosing ``cat``); their slices join the input's group.
+    ``offsets[i]`` is the first channel of input ``i``.  Every entry below
+    carries ``positions``: for each channel of this cat, its index along the
+    channel dim of the tensor the node reads (shifted by enclosing cats,
+    permuted by channel shuffles, -1 where a split left it out).
+    ``per_channel`` lists the nodes with per-channel variables (batch norm,
+    depthwise convolution) on the way; their slices join the input's group.
     ``consumers`` lists each stem reading the channels with the width of one
-    channel's block of its input features (``H*W`` after a flatten, else 1)
-    and the shift.  ``cats`` are enclosing cats the channels pass through.
+    channel's block of its input features (``H*W`` after a flatten, else 1).
+    ``cats`` are enclosing cats the channels pass through.  ``shuffles`` are
+    channel shuffles (view, transpose, view) by the name of their last view,
+    with their first view and group count; ``splits`` are ``chunk`` / ``split``
+    nodes along the channels: both are rewritten when channels go.
     """
 
     dim: int
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    per_channel: tuple[tuple[str, int], ...]
-    consumers: tuple[tuple[str, int, int], ...]
+    per_channel: tuple[tuple[str, Positions], ...]
+    consumers: tuple[tuple[str, int, Positions], ...]
     cats: tuple[str, ...]
     # Products by a per-channel factor read from the model: (node, factor's get_attr
-    # target, the factor's dim along the channels, shift); sliced, never zeroed.
-    scales: tuple[tuple[str, str, int, int], ...] = ()
+    # target, the factor's dim along the channels, positions); sliced, never zeroed.
+    scales: tuple[tuple[str, str, int, Positions], ...] = ()
+    shuffles: tuple[tuple[str, str, int, Positions], ...] = ()
+    splits: tuple[tuple[str, int, Positions], ...] = ()
+
+
+def source_indices(positions: Positions, off: int, size: int) -> list[int]:
+    """The indices (in the reading tensor) of the cat's channels ``off .. off + size``."""
+    return [p for p in positions[off : off + size] if p >= 0]
+
+
+def runs(indices) -> list[tuple[int, int]]:
+    """Sorted indices as ``[start, stop)`` runs of consecutive values."""
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
+def _shifted(positions: Positions, shift: int, bound: int | None = None) -> Positions:
+    """Each index plus ``shift``, -1 where it falls outside ``0 .. bound`` (kept a ``range`` where it stays one)."""
+    if isinstance(positions, range) and (bound is None or (positions.start + shift >= 0 and positions.stop + shift <= bound)):
+        return range(positions.start + shift, positions.stop + shift)
+    return tuple(-1 if p < 0 or not 0 <= p + shift < (bound if bound is not None else p + shift + 1) else p + shift
+                 for p in positions)
+
+
+_SPLITS = ("chunk", "split")
+
+
+def _split_dim(node: fx.Node) -> int | None:
+    """The dim of ``x.chunk(n, dim)`` / ``x.split(s, dim)`` / ``torch.chunk`` / ``torch.split``, or None."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or name not in _SPLITS:
+        return None
+    if node.op == "call_function" and node.target not in (torch.chunk, torch.split):
+        return None
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    return dim if isinstance(dim, int) else None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target is torch.reshape)
+
+
+def shuffle_chain(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """``(first view, last view, groups)`` when ``node`` feeds a channel shuffle, else None.
+
+    The shuffle is ``view(B, g, C/g, *rest) -> transpose(1, 2) -> [contiguous] ->
+    view(B, C, *rest)``, each step the only user of the one before.
+    """
+    shape = node.meta.get(SHAPE)
+    if not isinstance(shape, torch.Size) or len(shape) < 2:
+        return None
+    for first in users(node):
+        if not _is_view(first) or first.args[0] is not node:
+            continue
+        s1 = first.meta.get(SHAPE)
+        if not isinstance(s1, torch.Size) or len(s1) != len(shape) + 1 or s1[0] != shape[0]:
+            continue
+        if s1[1] * s1[2] != shape[1] or tuple(s1[3:]) != tuple(shape[2:]):
+            continue
+        step = first
+        nxt = users(step)
+        if len(nxt) != 1 or len(step.users) != 1:
+            continue
+        t = nxt[0]
+        is_t = (t.op == "call_function" and t.target is torch.transpose) or (t.op == "call_method" and t.target == "transpose")
+        if not is_t or t.args[0] is not step or sorted(a % len(s1) for a in t.args[1:3]) != [1, 2] or len(t.args) != 3:
+            continue
+        step = t
+        nxt = users(step)
+        if len(nxt) != 1 or len(step.users) != 1:
+            continue
+        if nxt[0].op == "call_method" and nxt[0].target == "contiguous" and len(nxt[0].args) == 1:
+            step = nxt[0]
+            nxt = users(step)
+            if len(nxt) != 1 or len(step.users) != 1:
+                continue
+        last = nxt[0]
+        if not _is_view(last) or last.args[0] is not step or last.meta.get(SHAPE) != shape:
+            continue
+        return first, last, s1[1]
+    return None
+
+
+def _size_feeds_only(size: fx.Node, allowed: set[fx.Node]) -> bool:
+    """Everything ``size`` (a ``x.size()`` / ``x.shape``) computes is read only by ``allowed`` nodes."""
+    stack, seen = [size], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in allowed:
+                continue
+            if is_data(u) or u.op == "output":
+                return False
+            stack.append(u)
+    return True
+
+
+def _is_size(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "size") or (
+        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
 
 
 def _cat_dim(node: fx.Node) -> int:
@@ -199,12 +318,16 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
     Every path from the ``cat`` must reach a stem that reads the tracked dim,
     through nodes that keep a zero channel zero (DESIGN section 3): elementwise
     ops that preserve zero, pooling, flatten, enclosing cats along the same dim,
-    per-channel batch norm (whose slices then belong to the erased input's
-    group), products by a per-channel factor read from the model (a parameter,
-    buffer or constant ``gamma`` of shape [C, 1, 1]: sliced with the channels).
-    Anything else (an add, a sigmoid, a layer norm, the graph output, a grouped
-    convolution, a factor computed from variables that varies along the channels)
-    refuses.
+    per-channel batch norm and depthwise convolutions (whose slices then belong
+    to the erased input's group), products by a per-channel factor read from the
+    model (a parameter, buffer or constant ``gamma`` of shape [C, 1, 1]: sliced
+    with the channels), channel shuffles (``view(B, g, C/g, ...)``,
+    ``transpose(1, 2)``, ``view(B, C, ...)``: a permutation of the indices; the
+    ``x.size()`` read for its views only) and ``chunk`` / ``split`` along the
+    channels (each part a slice of the indices).  Anything else (an add, a
+    sigmoid, a layer norm, the graph output, a grouped convolution, a factor
+    computed from variables that varies along the channels, a size read for
+    anything but a shuffle) refuses.
     """
     def refuse(user: fx.Node, why: str) -> None:
         raise ChannelsNotFollowed(f"what '{cat.name}' concatenates reaches node '{user.name}', which {why}")
@@ -215,20 +338,47 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
     dim = _cat_dim(cat)
     sizes = tuple(n.meta[SHAPE][dim] for n in inputs)
     offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
-    per_channel, consumers, cats, scales = [], [], [], []
-    stack: list[tuple[fx.Node, int, int, int]] = [(cat, dim, 1, 0)]
+    per_channel, consumers, cats, scales, shuffles, splits = [], [], [], [], [], []
+    stack: list[tuple[fx.Node, int, int, Positions]] = [(cat, dim, 1, range(sum(sizes)))]
     seen = set()
     while stack:
-        node, tdim, block, shift = stack.pop()
+        node, tdim, block, pos = stack.pop()
+        chain = shuffle_chain(node) if tdim == 1 and block == 1 else None
         for user in users(node):
-            if (user, tdim, block, shift) in seen:
+            if (user, tdim, block, pos) in seen:
                 continue
-            seen.add((user, tdim, block, shift))
+            seen.add((user, tdim, block, pos))
             if user.op == "output":
                 refuse(user, "is the graph output: the caller would see fewer channels")
             if not is_data(user):
-                refuse(user, "reads their shape (x.size(), x.shape) to compute a view or reshape, as a channel "
-                             "shuffle does: fxoto does not follow channel permutations")
+                if chain is not None and _is_size(user) and _size_feeds_only(user, {chain[0], chain[1]}):
+                    continue  # the shuffle's view sizes: the rewrite replaces the shuffle
+                refuse(user, "reads their shape (x.size(), x.shape) to compute something other than a channel "
+                             "shuffle (view, transpose(1, 2), view) fxoto follows")
+            if chain is not None and user is chain[0]:
+                first, last, groups = chain
+                per_group = node.meta[SHAPE][1] // groups
+                shuffles.append((last.name, first.name, groups, pos))
+                moved = tuple(-1 if p < 0 else (p % per_group) * groups + p // per_group for p in pos)
+                stack.append((last, tdim, block, moved))
+                continue
+            split_dim = _split_dim(user)
+            if split_dim is not None and isinstance(node.meta[SHAPE], torch.Size):
+                parts = user.meta[SHAPE]
+                if split_dim % len(node.meta[SHAPE]) != tdim or block != 1 or not isinstance(parts, tuple):
+                    refuse(user, "splits them along another dim or after a flatten")
+                bounds = [sum(part[tdim] for part in parts[:i]) for i in range(len(parts) + 1)]
+                items = users(user)
+                if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                           and u.args[0] is user for u in items):
+                    refuse(user, "splits them and uses the parts other than by their index")
+                splits.append((user.name, tdim, pos))
+                for item in items:
+                    lo, hi = bounds[item.args[1]], bounds[item.args[1] + 1]
+                    part = _shifted(pos, -lo, hi - lo)
+                    if any(p >= 0 for p in part):
+                        stack.append((item, tdim, block, part))
+                continue
             rule = rules[user]
             in_shape, out_shape = node.meta[SHAPE], user.meta[SHAPE]
             if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
@@ -239,7 +389,8 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
                     refuse(user, "concatenates them again along another dim or after a flatten")
                 position = outer.index(node)
                 cats.append(user.name)
-                stack.append((user, tdim, block, shift + sum(n.meta[SHAPE][tdim] for n in outer[:position])))
+                shift = sum(n.meta[SHAPE][tdim] for n in outer[:position])
+                stack.append((user, tdim, block, _shifted(pos, shift)))
                 continue
             if rule.joint is Joint.ADD or rule.role is Role.UNKNOWN:
                 refuse(user, "adds to them or combines them in a way fxoto does not know (only a concat, a "
@@ -253,32 +404,33 @@ def channel_region(cat: fx.Node, rules: dict[fx.Node, OpRule]) -> ChannelRegion:
                 if factor.op != "get_attr" or block != 1:
                     refuse(user, f"scales them by '{factor.name}', which varies along the channels but is computed "
                                  f"in forward (only a parameter, buffer or constant read as it is can be sliced)")
-                scales.append((user.name, factor.target, k, shift))
+                scales.append((user.name, factor.target, k, pos))
             kind = rule.channel
             if kind is Channel.CONSUME:
                 if rule.reads is None or tdim != rule.reads % len(in_shape):
                     refuse(user, "reads another dim than the concatenated one")
-                consumers.append((user.name, block, shift))
+                consumers.append((user.name, block, pos))
             elif kind is Channel.PER_CHANNEL and tdim == 1 and block == 1:
-                per_channel.append((user.name, shift))
-                stack.append((user, tdim, block, shift))
+                per_channel.append((user.name, pos))
+                stack.append((user, tdim, block, pos))
             elif rule.zero is not Zero.PRESERVES:
                 refuse(user, "does not keep a zero channel zero")
             elif kind is Channel.ELEMENTWISE and in_shape == out_shape:
-                stack.append((user, tdim, block, shift))
+                stack.append((user, tdim, block, pos))
             elif kind is Channel.SPATIAL and tdim == 1 and block == 1 and len(in_shape) == len(out_shape) and in_shape[1] == out_shape[1]:
-                stack.append((user, tdim, block, shift))
+                stack.append((user, tdim, block, pos))
             elif kind is Channel.FLATTEN and (inner := _flatten_block(in_shape, out_shape, tdim)) is not None:
-                stack.append((user, tdim, block * inner, shift))
+                stack.append((user, tdim, block * inner, pos))
             elif kind is Channel.REDUCE and (reduced := _reduce_dims(user, len(in_shape))) is not None and tdim not in reduced[0]:
                 dims, keepdim = reduced
-                stack.append((user, tdim if keepdim else tdim - sum(d < tdim for d in dims), block, shift))
+                stack.append((user, tdim if keepdim else tdim - sum(d < tdim for d in dims), block, pos))
             else:
                 refuse(user, f"moves or mixes channels in a way fxoto does not follow ({rule.channel.value})")
     if not consumers:
         raise ChannelsNotFollowed(f"no convolution or linear layer reads the channels of '{cat.name}'")
     unique = lambda items: tuple(dict.fromkeys(items))  # noqa: E731
-    return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats), unique(scales))
+    return ChannelRegion(dim, offsets, sizes, unique(per_channel), unique(consumers), unique(cats), unique(scales),
+                         unique(shuffles), unique(splits))
 
 
 def annotate_rules(graph: fx.Graph, root: nn.Module, table: OpTable) -> None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters, users
+from fxoto.segments import (REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters,
+                            runs, source_indices, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
@@ -119,13 +120,14 @@ def find_gezigs(graph: fx.Graph, root: nn.Module, segments: list[Segment]) -> tu
                 users_of_param.setdefault(id(p), set()).add(node.name)
 
     # Channel slices after each cat, by the segment that feeds the cat.
+    # A shuffle scatters a source's channels: one slice per run of consecutive indices.
     slices: dict[int, list[tuple[str, str, int, int]]] = {}
     for cat in cats:
         region: ChannelRegion = cat.meta[REGION]
         for src, off, size in zip(cat.args[0], region.offsets, region.sizes):
-            for name, shift in region.per_channel:
-                lo = shift + off
-                slices.setdefault(src.meta[SEGMENT], []).append((name, src.name, lo, lo + size))
+            for name, positions in region.per_channel:
+                for lo, hi in runs(source_indices(positions, off, size)):
+                    slices.setdefault(src.meta[SEGMENT], []).append((name, src.name, lo, hi))
 
     params: dict[str, nn.Parameter] = {}  # the members' tensors, by name
     groups: list[GeZIG] = []

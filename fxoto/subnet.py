@@ -8,7 +8,9 @@
    input features (conv / linear weight columns, following flattens), the
    per-channel variables and statistics on the way (batch norm) and the
    per-channel factors of products (``cat(...) * gamma``); a weight read at
-   several places is sliced per place where the places differ;
+   several places is sliced per place where the places differ; a channel
+   shuffle that lost channels becomes ``index_select`` with the kept
+   permutation, a ``chunk`` / ``split`` a ``torch.split`` with the kept counts;
 3. a joint left with one input becomes that input, vertices that no longer
    reach the output go (dead-code elimination), in-place ops whose input
    others also read become out-of-place (an ``add`` that vanished must not
@@ -21,6 +23,7 @@ The result owns fresh, smaller parameters; the super-network is not touched.
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 from collections import defaultdict
 
@@ -31,7 +34,8 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError
 from fxoto.roles import Joint
-from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs
+from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
+from fxoto.shapes import SHAPE
 
 
 def _erased_nodes(space, ids) -> set[str]:
@@ -39,11 +43,13 @@ def _erased_nodes(space, ids) -> set[str]:
 
 
 def _removed_features(gm: fx.GraphModule, erased: set[str]):
-    """Original input-feature indices to drop, per consumer stem, per per-channel node, and per
-    (product, factor target, factor dim) for the per-channel factors of products."""
+    """Original input-feature indices to drop, per consumer stem, per per-channel node, per
+    (product, factor target, factor dim) for the per-channel factors of products, and per
+    channel shuffle and split (indices along the channels of their input)."""
     consume: dict[str, set[int]] = defaultdict(set)
     per_channel: dict[str, set[int]] = defaultdict(set)
     factors: dict[tuple[str, str, int], set[int]] = defaultdict(set)
+    moves: dict[str, set[int]] = defaultdict(set)  # shuffles (by last view) and splits
     for cat in gm.graph.nodes:
         region: ChannelRegion | None = cat.meta.get(REGION)
         if region is None or cat.name in erased:
@@ -51,14 +57,69 @@ def _removed_features(gm: fx.GraphModule, erased: set[str]):
         for src, off, size in zip(cat.args[0], region.offsets, region.sizes):
             if src.name not in erased:
                 continue
-            for name, block, shift in region.consumers:
-                lo = (shift + off) * block
-                consume[name].update(range(lo, lo + size * block))
-            for name, shift in region.per_channel:
-                per_channel[name].update(range(shift + off, shift + off + size))
-            for name, target, dim, shift in region.scales:
-                factors[(name, target, dim)].update(range(shift + off, shift + off + size))
-    return consume, per_channel, factors
+            for name, block, positions in region.consumers:
+                for p in source_indices(positions, off, size):
+                    consume[name].update(range(p * block, (p + 1) * block))
+            for name, positions in region.per_channel:
+                per_channel[name].update(source_indices(positions, off, size))
+            for name, target, dim, positions in region.scales:
+                factors[(name, target, dim)].update(source_indices(positions, off, size))
+            for name, _first, _groups, positions in region.shuffles:
+                moves[name].update(source_indices(positions, off, size))
+            for name, _dim, positions in region.splits:
+                moves[name].update(source_indices(positions, off, size))
+    return consume, per_channel, factors, moves
+
+
+def _rewrite_moves(gm: fx.GraphModule, space_gm: fx.GraphModule, moves: dict[str, set[int]], erased: set[str]) -> None:
+    """Channel shuffles and splits whose input loses channels, rewritten for what is kept.
+
+    A shuffle (view, transpose, view) becomes ``index_select`` of its input with the
+    super-network's permutation restricted to the kept channels (a smaller count need
+    not be a shuffle any more); a ``chunk`` / ``split`` becomes ``torch.split`` with
+    each part's kept count.  The old nodes (and the size reads behind the views) die.
+    """
+    regions = [n.meta[REGION] for n in space_gm.graph.nodes if n.meta.get(REGION) is not None]
+    shuffles = {name: (first, groups) for r in regions for name, first, groups, _ in r.shuffles}
+    splits = {name: dim for r in regions for name, dim, _ in r.splits}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    graph = gm.graph
+    for name, drop in moves.items():
+        if not drop or name in erased or name not in nodes:
+            continue
+        node = nodes[name]
+        if name in shuffles:
+            first_name, groups = shuffles[name]
+            first = nodes[first_name]
+            channels = first.meta[SHAPE][1] * first.meta[SHAPE][2]
+            per_group = channels // groups
+            new_index = {}
+            for p in range(channels):
+                if p not in drop:
+                    new_index[p] = len(new_index)
+            order = []
+            for q in range(channels):  # output q reads input (q % groups) * per_group + q // groups
+                p = (q % groups) * per_group + q // groups
+                if p in new_index:
+                    order.append(new_index[p])
+            source = first.args[0]
+            device = next(itertools.chain((t.device for t in gm.parameters()), (t.device for t in gm.buffers())),
+                          torch.device("cpu"))
+            keep_name = f"{name}_order"
+            gm.register_buffer(keep_name, torch.tensor(order, dtype=torch.long, device=device))
+            with graph.inserting_before(node):
+                index = graph.get_attr(keep_name)
+                picked = graph.call_function(torch.index_select, (source, 1, index))
+            node.replace_all_uses_with(picked)
+        else:
+            dim = splits[name]
+            parts = node.meta[SHAPE]
+            bounds = [sum(part[dim] for part in parts[:i]) for i in range(len(parts) + 1)]
+            sizes = [sum(1 for p in range(lo, hi) if p not in drop) for lo, hi in zip(bounds, bounds[1:])]
+            with graph.inserting_before(node):
+                parted = graph.call_function(torch.split, (node.args[0], sizes), {"dim": dim})
+            node.replace_all_uses_with(parted)
+            graph.erase_node(node)
 
 
 def _keep(n: int, drop: set[int], device: torch.device) -> torch.Tensor:
@@ -226,6 +287,12 @@ def _slice_factors(gm: fx.GraphModule, factors: dict[tuple[str, str, int], set[i
 
 def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     module = gm.get_submodule(node.target)
+    if isinstance(module, nn.modules.conv._ConvNd):  # depthwise: one filter per channel
+        keep = _keep(module.out_channels, drop, module.weight.device)
+        for name in ("weight", "bias"):
+            _slice_param(module, name, 0, keep)
+        module.in_channels = module.out_channels = module.groups = len(keep)
+        return
     if isinstance(module, nn.PReLU):
         keep = _keep(module.num_parameters, drop, module.weight.device)
         _slice_param(module, "weight", 0, keep)
@@ -328,7 +395,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     ids = space.zero_groups() if ids is None else sorted(set(ids))
     space.check_removal(ids)
     erased = _erased_nodes(space, ids)
-    consume, per_channel, factors = _removed_features(space.gm, erased)
+    consume, per_channel, factors, moves = _removed_features(space.gm, erased)
 
     sub = copy.deepcopy(space.gm)
     _slice_consumers(sub, consume, erased)
@@ -337,6 +404,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     for name, drop in per_channel.items():
         if name not in erased:
             _slice_per_channel(sub, nodes[name], drop)
+    _rewrite_moves(sub, space.gm, moves, erased)
     readers: list[fx.Node] = []
     for node in list(sub.graph.nodes):
         rule = node.meta.get(RULE)

@@ -13,17 +13,16 @@ TORCHVISION = torchvision.models.list_models(module=torchvision.models)
 
 # Models with no joint at all (DESIGN 3): an empty search space is the right answer.
 NO_JOINT = {n for n in TORCHVISION if n.startswith(("alexnet", "vgg"))}
-# ShuffleNetV2 shuffles channels after its concat: its 19 branches (the independent
-# reading's 19 GeZIGs) are set aside with that reason until the index bookkeeping
-# follows the shuffle (DESIGN 3).
+# ShuffleNetV2 shuffles channels after its concat (view, transpose, view) and splits them
+# with chunk: fxoto follows both as index maps; each branch feeding a concat is a GeZIG.
 SHUFFLED = {n for n in TORCHVISION if n.startswith("shufflenet")}
-SHUFFLED_SET_ASIDE = 19
 
 # GeZIG counts from DESIGN section 3 and issue 12, found by an independent prototype.
 EXPECTED_COUNTS = {
     "resnet18": 11, "resnet50": 20, "mobilenet_v2": 10, "efficientnet_b0": 9,
     "densenet121": 58, "googlenet": 36, "inception_v3": 44, "regnet_x_400mf": 26,
     "swin_t": 24, "swin_s": 48, "swin_b": 48,
+    **{name: 19 for name in SHUFFLED},  # 13 stride-1 branch2s, 3 x (branch1, branch2) of the stride-2 blocks
 }
 
 
