@@ -7,6 +7,8 @@
 * ``count_flops_torch``: FLOPs (2 per MAC) counted by ``torch.utils.flop_counter``, an
   independent cross-check of ``count_flops``.
 * ``compare`` / ``report_table``: the super-network beside its sub-network.
+* ``HostReads``: how many times code reads tensor values back to the host (each such read waits
+  for the GPU's queued work).
 
 What each counter sees differs. thop hooks leaf modules (convolutions, linear layers, and also
 batch norm, pooling and activations) and, through a ``TorchFunctionMode``, functional
@@ -27,8 +29,46 @@ from typing import Any
 import torch
 from tabulate import tabulate
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["compare", "count_flops", "count_flops_torch", "count_parameters", "report_table"]
+__all__ = ["HostReads", "compare", "count_flops", "count_flops_torch", "count_parameters", "report_table"]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, while active, the reads of tensor values back to the host: aten's scalar reads
+    (``item``, ``float(t)``, ``bool(t)``, indexing by a tensor) and ``Tensor.tolist``, which aten
+    does not see.  On a GPU each one waits for all queued work; on the CPU they are counted
+    alike, so a test without a GPU holds the same property.
+
+        with HostReads() as reads:
+            opt.step()
+        assert reads.count == 0
+    """
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._tolist = None
+
+    def __enter__(self):
+        self._tolist = tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self.count += 1
+            return tolist(t)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
 
 
 def _as_tuple(example_inputs: Any) -> tuple:

@@ -909,7 +909,8 @@ class H2SPG(Optimizer):
                         buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
                         fresh.append(len(bufs))
                     bufs.append(buf)
-                old = [k for k in range(len(bufs)) if k not in set(fresh)]
+                fresh_set = set(fresh)
+                old = [k for k in range(len(bufs)) if k not in fresh_set]
                 if old:
                     ob, og = [bufs[k] for k in old], [gs[k] for k in old]
                     torch._foreach_mul_(ob, momentum)

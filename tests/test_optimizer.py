@@ -23,6 +23,7 @@ from torch import nn
 import fxoto
 from fxoto.optimizer import (H2SPG, GroupStats, dhspg_lambda, half_space_project, lambda_floor, redundancy_score,
                              reference_score, select_redundant)
+from fxoto.metrics import HostReads
 from fxoto.zoo import DemoSupNet
 from strategies import supernets
 
@@ -573,20 +574,6 @@ def test_ddp_ranks_agree():
 
 
 # -- one step, two execution paths, no host reads -------------------------------------------------
-
-
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that copy a value from a tensor to the host (each waits for the device)."""
-
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("foreach", [False, True])

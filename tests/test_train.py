@@ -5,13 +5,13 @@ import io
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Subset
 
 import fxoto
 from fxoto.data import get_dataset
 from fxoto.pipeline import Fitted
 from fxoto.errors import DeviceError
+from fxoto.metrics import HostReads
 from fxoto.train import MixedPrecisionError, autocast_factory, fit
 from fxoto.zoo import DemoSupNet
 
@@ -144,28 +144,8 @@ def test_unknown_amp_and_unusable_models_are_refused():
         s.fit(loader, nn.CrossEntropyLoss(), 1, progress=False)
 
 
-class CountHostReads(TorchDispatchMode):
-    """Host reads: aten's scalar reads (item, float, bool) and Tensor.tolist (which aten does not see)."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads = 0
-        tolist = torch.Tensor.tolist
-
-        def counted(t):
-            self.reads += 1
-            return tolist(t)
-
-        monkeypatch.setattr(torch.Tensor, "tolist", counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("amp", [None, "bf16"])
-def test_the_training_loop_reads_nothing_back_per_step(monkeypatch, amp):
+def test_the_training_loop_reads_nothing_back_per_step(amp):
     """With an optimizer that reads nothing itself, the loop's reads do not grow with the batches."""
     _, train = load_train()
     reads = []
@@ -174,10 +154,9 @@ def test_the_training_loop_reads_nothing_back_per_step(monkeypatch, amp):
         model = DemoSupNet(stem_width=6, branch_width=4, mid_width=5, add_width=7)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         loader = DataLoader(Subset(train, range(8 * n)), batch_size=8)
-        with CountHostReads(monkeypatch) as count:
+        with HostReads() as count:
             fit(model, opt, loader, nn.CrossEntropyLoss(), 1, progress=False, amp=amp, log_every=100)
-        reads.append(count.reads)
-        monkeypatch.undo()
+        reads.append(count.count)
     assert reads[0] == reads[1] and reads[0] <= 3, reads
 
 

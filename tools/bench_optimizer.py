@@ -8,7 +8,8 @@ each one's ratio to its torch baseline, measured in the same run.  H2SPG is time
 phase: warm-up (scores gathered every step), hybrid with no redundant group zero yet (the
 costly case: every redundant group takes the group-lasso step) and pruned (redundant
 groups pinned, their parameters skipped), with K half the GeZIGs.  "host reads" counts
-``aten::_local_scalar_dense`` and ``aten::item`` in one step (each waits for the GPU).
+reads of tensor values back to the host in one step (``fxoto.metrics.HostReads``: each waits
+for the GPU).
 "state" is the optimizer's state in bytes: per-parameter tensors plus H2SPG's per-group
 vectors.
 
@@ -31,26 +32,14 @@ from collections.abc import Callable
 import torch
 import torchvision
 from tabulate import tabulate
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxoto
+from fxoto.metrics import HostReads
 from fxoto.optimizer import H2SPG
 from fxoto.zoo import INPUT_SHAPES, DemoSupNet
 from fxoto.zoo.darts import darts_8cells
 
 LR = 1e-7  # tiny, so that repeated steps on one gradient keep the parameters (and phases) as they are
-
-
-class HostReads(TorchDispatchMode):
-    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
