@@ -268,8 +268,10 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
+    """||x||^2, x.v, ||v||^2: the squares from norms, one read of the tensor each where a dot
+    product of a tensor with itself reads it twice."""
     x, v = _flat(x), _flat(v)
-    return [torch.dot(x, x), torch.dot(x, v), torch.dot(v, v)]
+    return [torch.linalg.vector_norm(x).square(), torch.dot(x, v), torch.linalg.vector_norm(v).square()]
 
 
 def _foreach_dots(xs: list[Tensor], vs: list[Tensor]) -> Tensor:
