@@ -410,6 +410,7 @@ class H2SPG(Optimizer):
         self._counts: dict[int, int] = {}  # Adam's step count per parameter (id), on the host
         self._copies: dict[str, tuple[tuple[float, ...], Tensor]] = {}  # see _on_device
         self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for _check_probes
+        self._checked_at = 0  # the step of the last check_finite
 
     def _locate(self) -> None:
         """The device of the parameters (one, and real), where H2SPG keeps its own state, and
@@ -457,20 +458,36 @@ class H2SPG(Optimizer):
             return "warmup"
         return "pruned" if self._step >= self.warmup_steps + self.pruning_steps else "hybrid"
 
+    @torch.no_grad()
     def check_finite(self) -> None:
         """Raise ``NonFiniteGradientError`` if a gradient held inf or NaN since the start.
-        One read from the device."""
-        step, index = self._bad.tolist()
+
+        One read from the device.  A step flags, on the device, the first non-finite gradient
+        among the members of the groups it watches (every GeZIG in warm-up, the redundant ones
+        in the hybrid phase), with its step; any other parameter that took a non-finite
+        gradient holds inf or NaN after its step, and is found here, by its values."""
+        self._order = [p for group in self.param_groups for p in group["params"]]
+        norms = torch._foreach_norm(self._order) if self._order else []
+        values = torch.cat([self._bad.double(), torch.stack(norms).double() if norms else self._bad[:0].double()])
+        step, index, *norms = values.tolist()
+        broken = [self._names.get(id(p), "?") for p, v in zip(self._order, norms) if not math.isfinite(v)]
+        since, self._checked_at = self._checked_at, self._step
+        if step < 0 and not broken:
+            return
         if step >= 0:
-            name = self._names.get(id(self._order[index]), "?")
-            since = self._step - step - 1
-            raise NonFiniteGradientError(
-                f"the gradient of parameter '{name}' held inf or NaN at step {step}; that step"
-                + (f" and the {since} after it" if since else "")
-                + " moved every parameter with it, so the model and the optimizer state now hold non-finite "
-                f"values: restore the last checkpoint. Lower the learning rate, check the loss for overflow, or "
-                f"train with torch.amp.GradScaler, which skips such steps."
-            )
+            name = self._names.get(id(self._order[int(index)]), "?")
+            after = self._step - int(step) - 1
+            what = (f"the gradient of parameter '{name}' held inf or NaN at step {int(step)}; that step"
+                    + (f" and the {after} after it" if after else ""))
+        else:
+            what = (f"parameter '{broken[0]}' holds inf or NaN: a gradient held inf or NaN at one of the steps "
+                    f"{since} to {self._step - 1} (since the last check); that step")
+        now = ", ".join(f"'{n}'" for n in broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise NonFiniteGradientError(
+            f"{what} moved every parameter with it, so the model and the optimizer state hold non-finite values"
+            + (f" (now: {now})" if broken else "") + ": restore the last checkpoint. Lower the learning rate, check "
+            f"the loss for overflow, or train with torch.amp.GradScaler, which skips such steps."
+        )
 
     @torch.no_grad()
     def metrics(self) -> dict[str, Any]:
@@ -555,9 +572,9 @@ class H2SPG(Optimizer):
         on_direction = getattr(self.score_fn, "on", "gradient") == "direction"
         plan = self._all
         if self.foreach:
-            dirs, probes = self._multi_tensor_directions(work)
+            dirs = self._multi_tensor_directions(work)
             dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=on_direction)
-            self._check_probes(work, probes)
+            self._multi_tensor_probes(plan, work, dirs)
             self._multi_tensor_plain_steps(work, dirs, skip=set())
         else:
             dots, _ = self._single_tensor_pass(work, plan, use_direction=on_direction, hold=False)
@@ -568,9 +585,9 @@ class H2SPG(Optimizer):
         and the projection test computed from this step's inner products."""
         plan = self._hot
         if self.foreach:
-            dirs, probes = self._multi_tensor_directions(work, materialize=plan.by_param)
+            dirs = self._multi_tensor_directions(work, materialize=plan.by_param)
             dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=True)
-            self._check_probes(work, probes)
+            self._multi_tensor_probes(plan, work, dirs)
             self._multi_tensor_plain_steps(work, dirs, skip=plan.by_param)
             held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
         else:
@@ -586,44 +603,38 @@ class H2SPG(Optimizer):
         its members' inner products with v (the gradient, or with ``use_direction`` the step
         direction) gathered, its gradient checked, and its plain step taken, except, with
         ``hold``, for the plan's parameters: their directions are returned for the scaled step.
-        A parameter that is one whole member is checked through x.v (inf or NaN in the
-        gradient makes it so), any other through a sum of the tensor that took the gradient."""
+        The plan's parameters are checked for a non-finite gradient (``_check_probes``): one
+        that is one whole member through x.v, already computed, any other through a sum of the
+        tensor that took the gradient."""
         dots_of: dict[int, list] = {}
         held: list[tuple[Tensor, _Direction]] = []
-        probes = []
+        probed, probes = [], []
         for p, grad, group in work:
             members = plan.by_param.get(id(p))
             d = self._direction(p, grad, group, materialize=members is not None and (hold or use_direction))
-            if members is None:
-                probes.append(d.probe.sum())
-            else:
+            if members is not None:
                 scale = self._direction_scale(d) if use_direction else 1.0
                 for m in members:
                     part = plan.parts[m]
                     dots_of[m] = _dots(part.of(p), part.of(d.num if use_direction else grad)) + [scale]
                 whole = plan.parts[members[0]].dim is None
+                probed.append(p)
                 probes.append(dots_of[members[0]][1] if whole else d.probe.sum())
                 if hold:
                     held.append((p, d))
                     continue
             _plain_step(p, d)
-        self._check_probes(work, torch.stack(probes) if probes else None)
+        self._check_probes(probed, probes)
         return self._single_tensor_member_dots(plan, dots_of), held
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
         in ``work`` at all, their slices are set back to zero with their state."""
         if self.foreach:
-            dirs, probes = self._multi_tensor_directions(work)
-            self._check_probes(work, probes)
-            self._multi_tensor_plain_steps(work, dirs, skip=set())
+            self._multi_tensor_plain_steps(work, self._multi_tensor_directions(work), skip=set())
         else:
-            probes = []
             for p, grad, group in work:
-                d = self._direction(p, grad, group)
-                probes.append(d.probe.sum())
-                _plain_step(p, d)
-            self._check_probes(work, torch.stack(probes) if probes else None)
+                _plain_step(p, self._direction(p, grad, group))
         self._rezero(self._hot, whole=False)
 
     # -- the rules applied to a step's inner products (shared by both paths) ------------------
@@ -830,19 +841,26 @@ class H2SPG(Optimizer):
     def _direction_scale(d: _Direction) -> float:
         return d.step / d.lr if d.lr else 1.0
 
-    def _check_probes(self, work, probes: Tensor | None) -> None:
-        """Record, on the device, the first step and parameter whose gradient was not finite."""
-        if probes is None:
+    def _check_probes(self, params: list[Tensor], probes: list[Tensor]) -> None:
+        """Record, on the device, the first step and parameter whose probe (a reduction of the
+        tensor its gradient entered) was not finite: the members of the groups a step watches.
+        Every other parameter is checked at the next ``check_finite``, through its values."""
+        if not probes:
             return
-        key = tuple(id(p) for p, _, _ in work)
+        key = tuple(id(p) for p in params)
         if self._position_cache is None or self._position_cache[0] != key:
-            self._order = [p for group in self.param_groups for p in group["params"]]
             where = {id(p): i for i, p in enumerate(self._order)}
             self._position_cache = (key, torch.tensor([where[k] for k in key], dtype=torch.long).to(self.device))
-        bad = ~probes.isfinite()
+        bad = ~torch.stack(probes).isfinite()
         which = self._position_cache[1].index_select(0, bad.int().argmax().reshape(1))  # not [tensor]: that reads
         first = torch.cat([self._step_on_device, which])
         self._bad = torch.where((self._bad[0] < 0) & bad.any(), first, self._bad)
+
+    def _multi_tensor_probes(self, plan: _Plan, work, dirs: list[_Direction]) -> None:
+        """``_check_probes`` for the plan's parameters, their probes' norms in one call."""
+        chosen = [(p, d.probe) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
+        if chosen:
+            self._check_probes([p for p, _ in chosen], list(torch._foreach_norm([t for _, t in chosen])))
 
     # -- the plain steps: torch.optim's SGD, Adam and AdamW -------------------------------------
 
@@ -883,10 +901,9 @@ class H2SPG(Optimizer):
             return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr, exp_avg)
         return _Direction(exp_avg, denom, step_size, lr, exp_avg)
 
-    def _multi_tensor_directions(self, work, materialize=()) -> tuple[list[_Direction], Tensor | None]:
+    def _multi_tensor_directions(self, work, materialize=()) -> list[_Direction]:
         """``_direction`` for every parameter at once, with ``torch._foreach_*`` per param group
-        (torch.optim's multi-tensor SGD, Adam and AdamW).  Returns the directions and one
-        probe value per parameter (a norm: inf or NaN when the gradient was not finite)."""
+        (torch.optim's multi-tensor SGD, Adam and AdamW)."""
         dirs: list[_Direction | None] = [None] * len(work)
         by_group: dict[int, list[int]] = {}
         for i, (_, _, group) in enumerate(work):
@@ -947,8 +964,7 @@ class H2SPG(Optimizer):
             nums = torch._foreach_div([dirs[i].num for i in want], [dirs[i].den for i in want])
             for i, num in zip(want, nums):
                 dirs[i] = dirs[i]._replace(num=num, den=None)
-        probes = torch.stack(torch._foreach_norm([d.probe for d in dirs])) if dirs else None
-        return dirs, probes
+        return dirs
 
     def _multi_tensor_plain_steps(self, work, dirs: list[_Direction], skip) -> None:
         """x <- x - step * num / den for every parameter not in ``skip``, in multi-tensor calls."""
@@ -1029,6 +1045,7 @@ class H2SPG(Optimizer):
         self._position_cache = None
         self._counts = {}
         self._step_on_device = torch.tensor([self._step], dtype=torch.long, device=self.device)
+        self._checked_at = self._step
 
 
 def _plain_step(p: Tensor, d: _Direction) -> None:

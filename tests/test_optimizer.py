@@ -466,9 +466,10 @@ def test_k_too_large():
 
 
 def test_non_finite_gradient_names_the_parameter():
-    # The step reads nothing back from the device: an inf or NaN gradient is recorded there and
-    # raised at the next synchronisation point (check_finite, metrics, state_dict, the selection),
-    # naming the first such parameter and step; by then the step has moved every parameter.
+    # The step reads nothing back from the device.  It flags there the first inf or NaN among the
+    # gradients of the groups it watches (every GeZIG in warm-up), with its step; any other
+    # parameter is caught by its values at the next synchronisation point (check_finite,
+    # metrics, state_dict, the selection).  By then the steps have moved every parameter.
     model, space = demo()
     opt = H2SPG(space, 3, 0.1, warmup_steps=5, pruning_steps=1)
     data = batches(3)
@@ -476,18 +477,34 @@ def test_non_finite_gradient_names_the_parameter():
     opt.check_finite()  # nothing to say
     opt.zero_grad()
     F.cross_entropy(model(data[1][0]), data[1][1]).backward()
-    model.conv7.weight.grad[0, 0, 0, 0] = float("nan")
-    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # a later parameter is named only if it comes first
+    model.conv7.weight.grad[0, 0, 0, 0] = float("nan")  # conv7 is GeZIG g3's: watched in warm-up
+    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # conv1 is in no GeZIG: found by its values
     opt.step()
-    assert not model.conv7.weight.isfinite().all()  # the step was taken
+    assert not model.conv7.weight.isfinite().all() and not model.conv1.weight.isfinite().all()  # the step was taken
     train(model, opt, data[2:])
     with pytest.raises(fxoto.NonFiniteGradientError,
-                       match=r"parameter 'conv1\.weight' held inf or NaN at step 1; that step and the 1 after it moved "
-                             r"every parameter .* restore the last checkpoint"):
+                       match=r"the gradient of parameter 'conv7\.weight' held inf or NaN at step 1; that step and the 1 "
+                             r"after it moved every parameter .* \(now: 'conv1\.weight', .*restore the last checkpoint"):
         opt.check_finite()
     for sync in (opt.metrics, opt.state_dict):  # a checkpoint of non-finite values is never written
-        with pytest.raises(fxoto.NonFiniteGradientError, match="conv1"):
+        with pytest.raises(fxoto.NonFiniteGradientError, match="conv7"):
             sync()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_non_finite_gradient_outside_the_groups_is_found_by_its_values(foreach):
+    model, space = demo()
+    opt = H2SPG(space, 3, 0.1, warmup_steps=1, pruning_steps=5, foreach=foreach)
+    data = batches(4)
+    train(model, opt, data[:2])  # the selection, at the end of step 0, checked everything
+    opt.zero_grad()
+    F.cross_entropy(model(data[2][0]), data[2][1]).backward()
+    model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # conv1 is in no GeZIG
+    opt.step()
+    with pytest.raises(fxoto.NonFiniteGradientError,
+                       match=r"parameter 'conv1\.weight' holds inf or NaN: a gradient held inf or NaN at one of the "
+                             r"steps 1 to 2 \(since the last check\); that step moved every parameter"):
+        opt.check_finite()
 
 
 def test_non_finite_gradient_stops_the_selection():
