@@ -37,13 +37,15 @@ and only then moves the members: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_
 and x~.x = ||x||^2 - lr (lambda_g ||x_g|| + x.d), so a group that the test zeroes is
 written as zero in the same pass (x <- keep a x - keep lr d).
 
-A gradient holding inf or NaN is noticed with one on-device flag (as
-``torch.amp.GradScaler`` does) and raised as ``NonFiniteGradientError``, naming the
-first such parameter and step, at the next synchronisation point: ``check_finite()``,
-``metrics()``, ``state_dict()`` or the selection step.  By then every step since has
-been applied to every parameter: the model and its optimizer state hold non-finite
-values and the way on is the last checkpoint (``state_dict`` refuses to write one
-that holds them).  Under a ``GradScaler`` such steps are skipped before ``step``.
+A gradient holding inf or NaN is raised as ``NonFiniteGradientError`` at the next
+synchronisation point: ``check_finite()``, ``metrics()``, ``state_dict()`` or the selection
+step.  The step flags it on the device, as ``torch.amp.GradScaler`` does, for the members of
+the groups it watches (every GeZIG in warm-up, the redundant ones in the hybrid phase), with
+the parameter and the step; every other parameter that took such a gradient holds inf or NaN
+after its step and is found by its values at the check, with the steps since the last one.
+By then every step since has been applied to every parameter: the model and its optimizer
+state hold non-finite values and the way on is the last checkpoint (``state_dict`` refuses to
+write one that holds them).  Under a ``GradScaler`` such steps are skipped before ``step``.
 """
 
 from __future__ import annotations
