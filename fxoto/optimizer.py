@@ -24,7 +24,7 @@ within the budget and none is left to the jump of a forced projection.
 
 Execution.  The paper's rules are small functions over per-group tensors (one entry
 per GeZIG, on the parameters' device); every step computes them on the device, so a
-step never reads a value back to the host (the counted exceptions: the step that
+step never reads a value back to the host (the one exception: the step that
 selects the redundant set, which sorts the scores on the host).  The per-parameter
 arithmetic has two paths, chosen by ``foreach`` as in torch.optim: a loop over
 tensors (``_single_tensor``, the default on the CPU, where it keeps each tensor in
