@@ -7,11 +7,14 @@ from typing import Any
 
 from torch import nn
 
+from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
 from fxoto.roles import DEFAULT_TABLE, OpTable
 from fxoto.segments import annotate_rules, cut_segments
 from fxoto.space import SearchSpace, find_gezigs, resolve_k, target_k  # noqa: F401 (resolve_k: re-exported)
 from fxoto.trace import trace
+
+STRUCTURES = ("operations", "channels", "both")
 
 
 def build_space(
@@ -21,19 +24,33 @@ def build_space(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     op_table: OpTable = DEFAULT_TABLE,
+    structures: str = "operations",
 ) -> SearchSpace:
-    """Trace, annotate, cut segments and form GeZIGs (Algorithm 2)."""
+    """Trace, annotate, cut segments and form the groups (Algorithm 2).
+
+    ``structures``: ``"operations"`` (GeZIGs, the default), ``"channels"`` (one group per
+    output channel of the stems ``fxoto.channels`` can slim) or ``"both"`` (operations
+    first, so their ids are those of ``"operations"``).
+    """
+    if structures not in STRUCTURES:
+        raise ValueError(f"structures must be one of {', '.join(map(repr, STRUCTURES))}; got {structures!r}")
     graph = trace(model, example_inputs, leaf_modules, concrete_args)
     annotate_rules(graph, model, op_table)
     segments = cut_segments(graph)
-    groups, excluded = find_gezigs(graph, model, segments)
-    return SearchSpace(model, graph, segments, groups, excluded)
+    groups, excluded, layers = [], [], {}
+    if structures != "channels":
+        groups, excluded = find_gezigs(graph, model, segments)
+    if structures != "operations":
+        taken = {name for g in groups for name in g.nodes}
+        channel_groups, channel_excluded, layers = find_channel_groups(graph, model, len(groups), taken)
+        groups, excluded = groups + channel_groups, excluded + channel_excluded
+    return SearchSpace(model, graph, segments, groups, excluded, layers)
 
 
 class Search:
     """A super-network with its search space and target group sparsity K."""
 
-    def __init__(self, model: nn.Module, K: int | float, space: SearchSpace):
+    def __init__(self, model: nn.Module, K: int | float | dict[str, int | float], space: SearchSpace):
         self.model = model
         self.space = space
         self.K = target_k(K, space)
@@ -102,19 +119,29 @@ class Search:
 
 def search(
     model: nn.Module,
-    K: int | float,
+    K: int | float | dict[str, int | float],
     example_inputs: Sequence[Any],
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     op_table: OpTable = DEFAULT_TABLE,
+    structures: str = "operations",
 ) -> Search:
-    """Build the search space of ``model`` and prepare to remove ``K`` GeZIGs.
+    """Build the search space of ``model`` and prepare to remove ``K`` groups.
 
-    ``K`` is a count (int) or a fraction of the GeZIGs (float in (0, 1)).
+    ``K`` is a count (int), a fraction of the groups (float in (0, 1)) or a dict per
+    kind (``{"channels": 0.5}``, for a search space of that kind alone).
     ``example_inputs`` is a tensor or a tuple of the forward's arguments.
+    ``structures``: ``"operations"`` (GeZIGs), ``"channels"`` or ``"both"`` (see ``build_space``).
     """
-    space = build_space(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, op_table=op_table)
+    space = build_space(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                        op_table=op_table, structures=structures)
+    if not space.groups and structures != "operations":
+        why = "".join(f"\n  - {' -> '.join(e.nodes)}: {e.reason}" for e in space.excluded)
+        raise NoSearchSpaceError(
+            f"{type(model).__name__} has no removable structure with structures={structures!r}."
+            + (f"\nSet aside:{why}" if why else "")
+        )
     if not space.groups:
         why = "".join(f"\n  - {' -> '.join(e.nodes)}: {e.reason}" for e in space.excluded)
         raise NoSearchSpaceError(

@@ -51,6 +51,11 @@ class GeZIG:
 
     ``members`` are zero together; then the segment's output is exactly zero
     for every input and ``nodes`` (the whole segment) can be erased.
+
+    ``kind`` is ``"operation"`` for such a group, ``"channel"`` for one output
+    channel of a stem (``fxoto.channels``): ``nodes`` then names the stem and the
+    per-channel modules after it, ``segment`` is -1 and nothing is erased but the
+    channel (DESIGN 7).
     """
 
     id: int
@@ -58,6 +63,7 @@ class GeZIG:
     nodes: tuple[str, ...]
     members: tuple[Member, ...]
     numel: int
+    kind: str = "operation"
 
     def __str__(self) -> str:
         return f"g{self.id}: " + " -> ".join(self.nodes)
@@ -196,14 +202,18 @@ class SearchSpace:
     model's parameters, so ``zero_`` and H2SPG act on the user's own tensors.
     """
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG], excluded: list[Exclusion]):
+    def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG],
+                 excluded: list[Exclusion], layers: dict | None = None):
         self.model = model
         self.graph = graph
         self.segments = segments
         self.groups = groups
         self.excluded = excluded
+        # Channel groups: their stem's ChannelLayer (fxoto.channels), by stem node name.
+        self.layers = layers or {}
         nodes = {n.name: n for n in graph.nodes}
-        self._seg_of_group = [g.segment for g in groups]
+        self._seg_of_group = [g.segment if g.kind == "operation" else None for g in groups]
+        self._layer_of_group = [g.nodes[0] if g.kind == "channel" else None for g in groups]
         # Per segment: joint kind of its head and which inputs carry the output
         # shape (an add whose only full-shape operands are gone is not fed).
         self._joint = []
@@ -245,8 +255,22 @@ class SearchSpace:
         return self.removal_problem(ids) is None
 
     def removal_problem(self, ids: Iterable[int]) -> str | None:
-        """Why erasing these groups is invalid (naming a node), or None when it is valid."""
-        erased = {self._seg_of_group[i] for i in self._known(ids)}
+        """Why erasing these groups is invalid (naming a node), or None when it is valid.
+
+        Channel groups: removing every channel of a layer would erase the layer; this
+        first slice refuses that rather than rewiring what the layer feeds.
+        """
+        ids = self._known(ids)
+        gone: dict[str, int] = {}
+        for i in set(ids):
+            layer = self._layer_of_group[i]
+            if layer is not None:
+                gone[layer] = gone.get(layer, 0) + 1
+        for layer, n in gone.items():
+            if n >= self.layers[layer].channels:
+                return (f"removing all {n} output channels of node '{layer}' would erase it; fxoto keeps at "
+                        f"least one channel per layer")
+        erased = {self._seg_of_group[i] for i in ids} - {None}
         fed = [False] * len(self.segments)
         for seg in self.segments:  # segments are in topological order
             if seg.id in erased:
@@ -402,11 +426,38 @@ class SearchSpace:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
 
 
-def resolve_k(K: int | float, space: SearchSpace) -> int:
-    """K as a count: an int, or a float in (0, 1) as a fraction of the GeZIGs."""
-    n = len(space.groups)
+KINDS = {"operations": "operation", "channels": "channel"}  # K's dict keys: the kinds of groups
+
+
+def resolve_k(K: int | float | dict[str, int | float], space: SearchSpace) -> int:
+    """K as a count: an int, a float in (0, 1) as a fraction of the groups, or a dict per kind.
+
+    A dict (``{"channels": 0.5}``) resolves each entry against the groups of that kind.
+    H2SPG selects over all groups with one score, so a dict is accepted only where the
+    search space holds groups of one kind (``structures="operations"`` or ``"channels"``).
+    """
+    if isinstance(K, dict):
+        unknown = [k for k in K if k not in KINDS]
+        if unknown:
+            raise ValueError(f"K's keys are kinds of groups, {sorted(KINDS)}; got {unknown[0]!r}")
+        present = {g.kind for g in space.groups}
+        asked = {KINDS[k] for k, v in K.items() if v}
+        if len(present) > 1:
+            raise ValueError(
+                f"a K per kind ({K}) needs a search space of one kind in this version: H2SPG selects over "
+                f"operation and channel groups with one score. Give an int or a float over all groups."
+            )
+        missing = asked - present
+        if missing:
+            raise ValueError(f"K={K} asks for {missing.pop()} groups but the search space has none "
+                             f"(see structures= in fxoto.search)")
+        return sum(_resolve_count(v, sum(g.kind == KINDS[k] for g in space.groups)) for k, v in K.items())
+    return _resolve_count(K, len(space.groups))
+
+
+def _resolve_count(K: int | float, n: int) -> int:
     if isinstance(K, bool) or not isinstance(K, (int, float)):
-        raise TypeError(f"K must be an int count or a float fraction in (0, 1), not {K!r}")
+        raise TypeError(f"K must be an int count, a float fraction in (0, 1) or a dict per kind, not {K!r}")
     if isinstance(K, float):
         if not 0.0 < K < 1.0:
             raise ValueError(f"a fractional K must lie in (0, 1); got {K}")

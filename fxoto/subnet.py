@@ -39,7 +39,40 @@ from fxoto.shapes import SHAPE
 
 
 def _erased_nodes(space, ids) -> set[str]:
-    return {name for i in ids for name in space.groups[i].nodes}
+    return {name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
+
+
+def _channel_drops(space, ids) -> dict[str, set[int]]:
+    """Output channels to drop, per stem, from the channel groups among ``ids``."""
+    drops: dict[str, set[int]] = defaultdict(set)
+    for i in ids:
+        g = space.groups[i]
+        if g.kind == "channel":
+            drops[g.nodes[0]].add(g.members[0].start)
+    return drops
+
+
+def _slim(space, drops: dict[str, set[int]], erased: set[str], consume, per_channel) -> None:
+    """Add the channel groups' drops to the consumers' columns and the per-channel modules' entries."""
+    for stem, drop in drops.items():
+        layer = space.layers[stem]
+        for name in layer.per_channel:
+            per_channel[name].update(drop)
+        for name, block in layer.consumers:
+            if name not in erased:
+                consume[name].update(c * block + j for c in drop for j in range(block))
+
+
+def _slice_stem(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
+    """Drop a stem's output channels: its weight rows and bias entries."""
+    module = gm.get_submodule(node.target)
+    keep = _keep(module.weight.shape[0], drop, module.weight.device)
+    for name in ("weight", "bias"):
+        _slice_param(module, name, 0, keep)
+    if isinstance(module, nn.Linear):
+        module.out_features = len(keep)
+    else:
+        module.out_channels = len(keep)
 
 
 def _removed_features(gm: fx.GraphModule, erased: set[str]):
@@ -396,8 +429,14 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     space.check_removal(ids)
     erased = _erased_nodes(space, ids)
     consume, per_channel, factors, moves = _removed_features(space.gm, erased)
+    drops = _channel_drops(space, ids)
+    _slim(space, drops, erased, consume, per_channel)
 
     sub = copy.deepcopy(space.gm)
+    nodes = {n.name: n for n in sub.graph.nodes}
+    for stem, drop in drops.items():
+        if stem not in erased:
+            _slice_stem(sub, nodes[stem], drop)
     _slice_consumers(sub, consume, erased)
     _slice_factors(sub, factors, erased)
     nodes = {n.name: n for n in sub.graph.nodes}

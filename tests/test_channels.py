@@ -1,0 +1,212 @@
+"""Slim operations, first slice: channel groups beside GeZIGs (issue 11)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxoto
+from fxoto.errors import InvalidRemovalError, NoSearchSpaceError
+from fxoto.optimizer import H2SPG
+from util import randomize_
+
+
+def conv_bn_relu(i, o):
+    return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+
+
+def vgg(widths=(8, 8, 16), size=8, classes=10):
+    layers, c = [], 3
+    for w in widths:
+        layers += conv_bn_relu(c, w)
+        c = w
+    layers += [nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(), nn.Linear(c * (size // 2) ** 2, classes)]
+    return randomize_(nn.Sequential(*layers).eval())
+
+
+class Residual(nn.Module):
+    """stem -> conv-bn-relu -> [conv-bn-relu-conv-bn] + skip -> relu -> pool -> linear."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn_relu(3, c))
+        self.pre = nn.Sequential(*conv_bn_relu(c, c))
+        self.branch = nn.Sequential(*conv_bn_relu(c, c), nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.pre(self.stem(x))
+        x = F.relu(self.branch(x) + x)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def size(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def assert_exact(space, ids, x):
+    """Zero the groups, rewrite: the sub-network is strictly smaller and equals the super-network."""
+    space.zero_(ids)
+    with torch.no_grad():
+        expected = space.model(x)
+        sub = space.construct_subnet(ids)
+        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    assert size(sub) < size(space.model)
+    return sub
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_vgg_chain_has_one_group_per_channel():
+    model = vgg()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert [g.kind for g in space.groups] == ["channel"] * (8 + 8 + 16)
+    assert [g.id for g in space.groups] == list(range(32))
+    g = space.groups[9]  # second layer, channel 1: conv row, bias, batch norm weight and bias
+    assert [str(m) for m in g.members] == ["3.weight[1:2]", "3.bias[1:2]", "4.weight[1:2]", "4.bias[1:2]"]
+    assert g.numel == 8 * 9 + 3
+    assert [(e.nodes, e.reason) for e in space.excluded] == [(("_12",), "channels: its channels reach the graph output")]
+    with pytest.raises(NoSearchSpaceError):
+        fxoto.search(vgg(), 1, X)  # operations alone: a chain has none
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_channel_removals_are_exact(seed):
+    model = vgg()
+    space = fxoto.build_space(model, X, structures="channels")
+    ids = space.sample_removal(0.5, seed=seed)
+    sub = assert_exact(space, ids, X)
+    kept = {stem: space.layers[stem].channels - sum(space.groups[i].nodes[0] == stem for i in ids) for stem in space.layers}
+    assert sub.get_submodule("0").out_channels == kept["_0"] == sub.get_submodule("1").num_features
+    assert sub.get_submodule("3").in_channels == kept["_0"]
+    assert sub.get_submodule("1").running_mean.shape == (kept["_0"],)
+    assert sub.get_submodule("12").in_features == kept["_6"] * 16
+
+
+def test_all_channels_of_a_layer_cannot_go():
+    space = fxoto.build_space(vgg(), X, structures="channels")
+    first = [g.id for g in space.groups if g.nodes[0] == "_0"]
+    assert space.is_valid_removal(first[:-1])
+    assert "all 8 output channels of node '_0'" in space.removal_problem(first)
+    with pytest.raises(InvalidRemovalError):
+        space.construct_subnet(first)
+
+
+def test_operations_are_unchanged_and_first_in_both():
+    ops = fxoto.build_space(Residual(), X)
+    both = fxoto.build_space(Residual(), X, structures="both")
+    assert [g.kind for g in ops.groups] == ["operation"]
+    assert both.groups[: len(ops.groups)] == ops.groups
+    channel = both.groups[len(ops.groups):]
+    assert {g.nodes[0] for g in channel} == {"stem_0"} and len(channel) == 8
+    reasons = {e.nodes[0]: e.reason for e in both.excluded}
+    assert "joint" in reasons["pre_0"]  # its channels go into the add
+    assert "operation group" in reasons["branch_0"]  # inside the GeZIG: kept whole
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_removals_are_exact(seed):
+    model = Residual()
+    randomize_(model).eval()
+    space = fxoto.build_space(model, X, structures="both")
+    ids = sorted({0} | set(space.sample_removal(0.5, seed=seed)[:4]))  # the residual branch and channels
+    assert space.is_valid_removal(ids) and any(space.groups[i].kind == "channel" for i in ids)
+    assert_exact(space, ids, X)
+
+
+def test_channels_inside_a_residual_branch():
+    model = randomize_(Residual()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert {g.nodes[0] for g in space.groups} == {"stem_0", "branch_0"}
+    ids = [g.id for g in space.groups if g.members[0].start % 2 == 0]
+    sub = assert_exact(space, ids, X)
+    assert sub.get_submodule("branch.3").in_channels == 4
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.grouped(self.a(x))
+        x = self.gn(self.d(x))
+        x = self.b(x) + self.c(x)
+        return self.head(x).mean((2, 3))
+
+
+def test_unsupported_layers_are_set_aside_with_a_reason():
+    space = fxoto.build_space(Unsupported(), X, structures="channels")
+    assert space.groups == []
+    reasons = {e.nodes[0]: e.reason for e in space.excluded}
+    assert "grouped convolution" in reasons["a"]  # a feeds a grouped conv: not followed
+    assert "grouped convolution (groups=2)" in reasons["grouped"]
+    assert "GroupNorm" in reasons["d"]
+    assert "joint" in reasons["b"] and "joint" in reasons["c"]
+    assert "graph output" in reasons["head"]
+    assert len(reasons) == len(space.excluded) == 6
+
+
+def test_k_per_kind():
+    space = fxoto.build_space(vgg(), X, structures="channels")
+    assert fxoto.search(vgg(), {"channels": 0.25}, X, structures="channels").K == 8
+    with pytest.raises(ValueError, match="has none"):
+        fxoto.search(vgg(), {"operations": 1}, X, structures="channels")
+    with pytest.raises(ValueError, match="kinds"):
+        fxoto.space.resolve_k({"channel": 1}, space)
+    with pytest.raises(ValueError, match="one kind"):
+        fxoto.search(Residual(), {"channels": 2}, X, structures="both")
+    with pytest.raises(ValueError, match="structures"):
+        fxoto.build_space(vgg(), X, structures="layers")
+
+
+def test_h2spg_delivers_k_channel_groups():
+    torch.manual_seed(0)
+    model = vgg()
+    model.train()
+    s = fxoto.search(model, {"channels": 0.25}, X, structures="channels")
+    opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.phase == "pruned"
+    assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 8
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        sub = s.subnet()
+        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    assert size(sub) < size(model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=4), pool=st.booleans(), seed=st.integers(0, 99))
+def test_random_chains_random_removals(widths, pool, seed):
+    layers, c = [], 3
+    for w in widths:
+        layers += conv_bn_relu(c, w)
+        c = w
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.Flatten(), nn.Linear(c * (4 if pool else 16), 3)]
+    model = randomize_(nn.Sequential(*layers).eval(), seed)
+    x = torch.randn(2, 3, 4, 4)
+    space = fxoto.build_space(model, x, structures="channels")
+    assert len(space.groups) == sum(widths)
+    ids = space.sample_removal(0.5, seed=seed)
+    if not ids:  # every layer one channel wide: nothing can go
+        return
+    assert_exact(space, ids, x)
