@@ -19,6 +19,7 @@ at batch 64; baselines SGD with ``foreach=True`` and with ``fused=True``, AdamW 
 whole bf16 training step (forward, backward, step) of H2SPG's hybrid phase against SGD's.
 
     PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--device cpu|cuda] [--threads 2] [--clock cpu]
+        [--phases hybrid] [--variants sgd]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def timed(step: Callable[[], None], n: int, clock, sync: Callable[[], None]) -> 
 
 
 def bench(name: str, model: torch.nn.Module, x: torch.Tensor, baselines: dict[str, Callable], variants: list[str],
-          rounds: int, steps: int, clock, sync) -> list[list]:
+          phases: list[str], rounds: int, steps: int, clock, sync) -> list[list]:
     space = fxoto.build_space(model, (x[:1],))
     model.train()
     labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
@@ -85,7 +86,7 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, baselines: dict[st
                 p.copy_(s)
 
     opts: dict[str, tuple[torch.optim.Optimizer, str | None]] = {k: (make(params), None) for k, make in baselines.items()}
-    for phase in ("warmup", "hybrid", "pruned"):
+    for phase in phases:
         for variant in variants:
             base = next(k for k in baselines if ("SGD" in k) == (variant == "sgd"))
             opts[f"H2SPG {variant}, {phase}"] = (h2spg(space, variant, phase), base)
@@ -152,6 +153,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per optimizer per round")
+    ap.add_argument("--phases", nargs="*", default=["warmup", "hybrid", "pruned"],
+                    help="H2SPG's phases to time (fewer optimizers alive: less memory traffic between them)")
+    ap.add_argument("--variants", nargs="*", default=None, help="H2SPG variants (default: sgd and adam / adamw)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall clock, or the process's CPU time (steadier on a loaded CPU; not with CUDA)")
     args = ap.parse_args()
@@ -189,7 +193,8 @@ def main() -> None:
         model = model.to(device)
         x = torch.randn(batch, *shape, device=device)
         rounds = args.rounds if name == "resnet50" else args.rounds * 3
-        rows += bench(name, model, x, baselines, variants, rounds, args.steps, clock, sync)
+        rows += bench(name, model, x, baselines, args.variants or variants, args.phases, rounds, args.steps, clock,
+                      sync)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}; "
           f"{torch.cuda.get_device_name(device) if cuda else f'{args.threads} threads'}; batch {batch}; "
           f"{'wall' if cuda else args.clock} clock, median over rounds of {args.steps} steps")
