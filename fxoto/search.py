@@ -147,6 +147,7 @@ def search(
         raise NoSearchSpaceError(
             f"{type(model).__name__} has no removable structure: no segment with trainable variables "
             f"ends only at joints (add / channel cat). A plain chain such as VGG or AlexNet has nothing "
-            f"to search; add residual or multi-branch blocks." + (f"\nSegments set aside:{why}" if why else "")
+            f"to search as operations; slim its layers with structures='channels', or add residual or "
+            f"multi-branch blocks." + (f"\nSegments set aside:{why}" if why else "")
         )
     return Search(model, K, space)

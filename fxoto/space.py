@@ -350,12 +350,27 @@ class SearchSpace:
         Every prefix of the result is itself a valid removal (each group was
         accepted on top of the ones before it).  The walk behind
         ``sample_removal``, ``greedy_max_removal`` and ``select_removal``.
+
+        A channel group is checked by counting its layer's removed channels (its one
+        rule in ``removal_problem``, independent of the operation groups), so a walk
+        over tens of thousands of channel groups stays linear.
         """
         chosen: list[int] = []
-        for i in order:
+        operations: list[int] = []
+        gone: dict[int, None] = {}
+        per_layer: dict[str, int] = {}
+        for i in self._known(order):
             if limit is not None and len(chosen) >= limit:
                 break
-            if self.is_valid_removal(chosen + [i]):
+            layer = self._layer_of_group[i]
+            if layer is None:
+                if self.is_valid_removal(operations + [i]):
+                    operations.append(i)
+                    chosen.append(i)
+            elif i in gone or per_layer.get(layer, 0) + 1 < self.layers[layer].channels:
+                if i not in gone:
+                    per_layer[layer] = per_layer.get(layer, 0) + 1
+                    gone[i] = None
                 chosen.append(i)
         return chosen
 

@@ -210,3 +210,16 @@ def test_random_chains_random_removals(widths, pool, seed):
     if not ids:  # every layer one channel wide: nothing can go
         return
     assert_exact(space, ids, x)
+
+
+@pytest.mark.parametrize("structures", ["channels", "both"])
+def test_greedy_walk_is_the_checked_walk(structures):
+    """The walk counts channels per layer; it accepts what removal_problem accepts, group by group."""
+    space = fxoto.build_space(Residual(), X, structures=structures)
+    order = torch.randperm(len(space.groups), generator=torch.Generator().manual_seed(1)).tolist()
+    naive = []
+    for i in order:
+        if space.is_valid_removal(naive + [i]):
+            naive.append(i)
+    assert space.greedy_removal(order) == naive
+    assert space.is_valid_removal(space.greedy_max_removal())
