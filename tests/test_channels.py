@@ -223,3 +223,24 @@ def test_greedy_walk_is_the_checked_walk(structures):
             naive.append(i)
     assert space.greedy_removal(order) == naive
     assert space.is_valid_removal(space.greedy_max_removal())
+
+
+def test_other_per_channel_modules_and_stems():
+    """Conv1d, PReLU per channel, a depthwise convolution, Linear into BatchNorm1d into Linear."""
+    model = randomize_(nn.Sequential(
+        nn.Conv1d(3, 6, 3, padding=1), nn.PReLU(6), nn.Conv1d(6, 6, 3, padding=1, groups=6), nn.BatchNorm1d(6),
+        nn.AvgPool1d(2), nn.Conv1d(6, 5, 1), nn.Flatten(), nn.Linear(5 * 4, 7), nn.BatchNorm1d(7), nn.GELU(),
+        nn.Linear(7, 2),
+    ).eval())
+    with torch.no_grad():
+        model[1].weight.uniform_(0.1, 0.5)
+    x = torch.randn(3, 3, 8)
+    space = fxoto.build_space(model, x, structures="channels")
+    layers = {stem: (layer.channels, layer.per_channel, layer.consumers) for stem, layer in space.layers.items()}
+    assert layers == {"_0": (6, ("_1", "_2", "_3"), (("_5", 1),)), "_5": (5, (), (("_7", 4),)),
+                      "_7": (7, ("_8",), (("_10", 1),))}
+    assert [str(m) for m in space.groups[0].members] == ["0.weight[0:1]", "0.bias[0:1]", "2.weight[0:1]",
+                                                         "2.bias[0:1]", "3.weight[0:1]", "3.bias[0:1]"]
+    sub = assert_exact(space, [0, 2, 3, 6, 9, 11, 12], x)
+    assert sub.get_submodule("1").num_parameters == sub.get_submodule("2").groups == 3
+    assert sub.get_submodule("7").in_features == 12 and sub.get_submodule("10").in_features == 5
