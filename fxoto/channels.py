@@ -8,8 +8,8 @@ reaches, through per-channel accessories only, stems that read it:
   max / average pooling), per-channel modules (batch norm with affine
   variables, per-channel PReLU, depthwise convolutions) and a flatten into a
   linear layer (one channel is then a block of columns);
-* at the end: convolutions with ``groups=1``, transposed convolutions and
-  linear layers, whose input columns the rewrite drops.
+* at the end: convolution modules with ``groups=1``, transposed ones included,
+  and linear modules, whose input columns the rewrite drops.
 
 Channel ``c``'s group holds the stem's weight row ``c`` and bias ``c`` and
 entry ``c`` of every per-channel variable on the way (a batch norm's weight
@@ -67,6 +67,8 @@ def _stem_problem(node: fx.Node, root: nn.Module) -> str | None:
     if node.op != "call_module":
         return "a functional stem: only Conv and Linear modules are slimmed in this first slice"
     m = submodule(root, node.target)
+    if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        return f"a stem of type {type(m).__name__}: only Conv and Linear modules are slimmed in this first slice"
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         return "a transposed convolution: its output channels are not grouped in this first slice"
     if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
@@ -99,6 +101,10 @@ def _follow(stem: fx.Node, root: nn.Module, channels: int) -> tuple[list[fx.Node
         if data_inputs(node) != [prev]:
             raise _NotFollowed(f"its channels reach {what}, which reads other data too")
         if rule.channel is Channel.CONSUME:
+            consumer = submodule(root, node.target) if node.op == "call_module" else None
+            if not isinstance(consumer, (nn.Linear, nn.modules.conv._ConvNd)):
+                raise _NotFollowed(f"its channels reach the stem {what}, whose input columns are sliced only for "
+                                   f"Conv and Linear modules in this first slice")
             if node.args[0] is not prev:
                 raise _NotFollowed(f"its channels reach {what} other than as its input")
             if rule.reads == -1 and len(prev.meta[SHAPE]) != 2:
