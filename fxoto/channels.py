@@ -118,6 +118,9 @@ def _follow(stem: fx.Node, root: nn.Module, channels: int) -> tuple[list[fx.Node
                                f"channels fxoto does not slice)")
         if rule.zero is Zero.BREAKS:
             raise _NotFollowed(f"not zero-invariant: {what} does not map zero to zero")
+        if rule.zero is Zero.OWN_VARIABLES and rule.channel is not Channel.PER_CHANNEL:
+            raise _NotFollowed(f"not zero-invariant: {what} maps zero to zero only when its own variables are "
+                               f"zero, and they are not per channel")
         if rule.channel is Channel.PER_CHANNEL:
             module = submodule(root, node.target) if node.op == "call_module" else None
             if not isinstance(module, _PER_CHANNEL_MODULES) or block != 1:
@@ -189,12 +192,11 @@ def find_channel_groups(
             (name, p) for n in holders for name, p in own_parameters(n, root)
             if n is stem or n.meta[RULE].zero is Zero.OWN_VARIABLES
         ]
-        for name, p in members_of:
-            holder = next(n for n in holders if any(q is p for _, q in own_parameters(n, root)))
-            if users_of_param[id(p)] != {holder.name}:
-                problem = f"shared variables: parameter '{name}' is also used by node " \
-                          f"'{sorted(users_of_param[id(p)] - {holder.name})[0]}'"
-                break
+        for holder in [] if problem else holders:  # sliced in place: used by nothing else
+            for name, p in own_parameters(holder, root):
+                if users_of_param[id(p)] != {holder.name} and problem is None:
+                    problem = (f"shared variables: parameter '{name}' is also used by node "
+                               f"'{sorted(users_of_param[id(p)] - {holder.name})[0]}'")
         if problem is None:
             shared = next((n for n, _ in consumers if users_of_param.get(id(_weight(n, root)), {n.name}) != {n.name}),
                           None)

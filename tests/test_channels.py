@@ -244,3 +244,38 @@ def test_other_per_channel_modules_and_stems():
     sub = assert_exact(space, [0, 2, 3, 6, 9, 11, 12], x)
     assert sub.get_submodule("1").num_parameters == sub.get_submodule("2").groups == 3
     assert sub.get_submodule("7").in_features == 12 and sub.get_submodule("10").in_features == 5
+
+
+class SharedPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+        self.act = nn.PReLU(4)
+
+    def forward(self, x):
+        return self.c(self.act(self.b(self.act(self.a(x))))).mean((2, 3))
+
+
+def test_a_per_channel_module_used_twice_is_set_aside():
+    space = fxoto.build_space(SharedPReLU(), X, structures="channels")
+    reasons = {e.nodes[0]: e.reason for e in space.excluded}
+    assert space.groups == [] and "shared variables: parameter 'act.weight'" in reasons["a"]
+
+
+def test_h2spg_over_both_kinds():
+    torch.manual_seed(0)
+    model = Residual()
+    s = fxoto.search(model, 4, X, structures="both")
+    opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 4
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(s.subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
