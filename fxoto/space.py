@@ -4,7 +4,8 @@
 segment qualifies when it holds trainable variables, every user of its end is
 a joint, and the zero-invariance walk succeeds.  ``SearchSpace`` holds the
 groups and the one validity check (``is_valid_removal``) that H2SPG's selection
-and the sub-network rewrite both call.
+and the sub-network rewrite both call; it holds the channel groups of
+``fxoto.channels`` too (``GeZIG.kind == "channel"``) when asked for.
 """
 
 from __future__ import annotations

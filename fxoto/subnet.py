@@ -2,6 +2,9 @@
 
 ``construct_subnet(space)`` erases every GeZIG that is exactly zero:
 
+0. channel groups (``kind="channel"``, ``fxoto.channels``) slim their layer:
+   the stem's weight rows and bias entries, the per-channel modules after it
+   and the consumers' input columns go (with the operations' drops below);
 1. the joints lose the erased operands: an ``add`` sums the others, a ``cat``
    concatenates the others;
 2. what read the erased channels is sliced: after a ``cat``, the stems'
@@ -48,7 +51,7 @@ def _channel_drops(space, ids) -> dict[str, set[int]]:
     for i in ids:
         g = space.groups[i]
         if g.kind == "channel":
-            drops[g.nodes[0]].add(g.members[0].start)
+            drops[g.nodes[0]].add(g.members[0].start)  # members[0]: the stem's weight row c
     return drops
 
 
