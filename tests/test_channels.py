@@ -3,13 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
 from fxoto.errors import InvalidRemovalError, NoSearchSpaceError
 from fxoto.optimizer import H2SPG
+from strategies import supernets, valid_removals
 from util import randomize_
 
 
@@ -279,3 +280,25 @@ def test_h2spg_over_both_kinds():
     with torch.no_grad():
         expected = model(x)
         assert torch.allclose(s.subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.sampled_from(["channels", "both"]))
+def test_random_supernets_mixed_removals_are_exact(data, structures):
+    """The random super-networks of the other properties: the operation groups are those of the
+    default, and random valid removals of both kinds give an exact sub-network."""
+    model, x = data.draw(supernets())
+    space = fxoto.build_space(model, (x,), structures=structures)
+    operations = fxoto.build_space(model, (x,)).groups
+    assert [g for g in space.groups if g.kind == "operation"] == (operations if structures == "both" else [])
+    assert [g.id for g in space.groups] == list(range(len(space.groups)))
+    ids = data.draw(valid_removals(space))
+    space.zero_(ids)
+    with torch.no_grad():
+        expected = model(x)
+        sub = space.construct_subnet(ids)
+        got = sub(x)
+    assert torch.allclose(got, expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=0)
+    if ids:
+        assert size(sub) < size(model)
+    event(f"channel groups removed: {'some' if any(space.groups[i].kind == 'channel' for i in ids) else 'none'}")
