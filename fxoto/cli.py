@@ -60,7 +60,7 @@ def _inspect(args) -> int:
 
     model, x = load_model(args.model)
     model.eval()
-    space = fxoto.build_space(model, (x,))
+    space = fxoto.build_space(model, (x,), structures=args.structures)
     print(viz.summary(space))
     out = Path(args.out)
     written = viz.render(viz.to_dot(space), out / f"{args.model.replace(':', '_').replace('.', '_')}_graph")
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a model's search space and draw its dependency graph")
     inspect.add_argument("model", help="zoo name, torchvision model name, or module.path:factory")
     inspect.add_argument("--out", default="out/inspect", help="folder for the graph picture")
+    inspect.add_argument("--structures", default="operations", choices=["operations", "channels", "both"],
+                         help="groups to show: whole operations (GeZIGs), output channels, or both")
     inspect.set_defaults(func=_inspect)
 
     search = sub.add_parser("search", help="the full run: search space, H2SPG training, sub-network, report")

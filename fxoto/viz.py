@@ -52,20 +52,35 @@ def _colour(i: int) -> str:
 
 
 def summary(space: SearchSpace) -> str:
-    """A table of the GeZIGs (id, nodes, members, parameters), totals and the exclusions."""
+    """A table of the GeZIGs (id, nodes, members, parameters), totals and the exclusions.
+
+    Channel groups take one row per layer: their ids, the stem and per-channel modules,
+    how many channels can go (all but one) and their parameters.
+    """
+    operations = [g for g in space.groups if g.kind == "operation"]
     rows = [
         [f"g{g.id}", g.segment, " -> ".join(_abbreviate([_shorten(n, 40) for n in g.nodes])), len(g.members), g.numel]
-        for g in space.groups
+        for g in operations
     ]
+    layers: dict[str, list] = {}
+    for g in space.groups:
+        if g.kind == "channel":
+            layers.setdefault(g.nodes[0], []).append(g)
+    for groups in layers.values():
+        nodes = " -> ".join(_abbreviate([_shorten(n, 40) for n in groups[0].nodes]))
+        rows.append([f"g{groups[0].id}..g{groups[-1].id}", "-", nodes,
+                     f"{len(groups)} channels, {len(groups) - 1} can go", sum(g.numel for g in groups)])
     table = tabulate(rows, headers=["GeZIG", "segment", "nodes", "members", "params"], intfmt=",")
     in_groups = sum(g.numel for g in space.groups)
     total = sum(p.numel() for p in space.model.parameters())
     share = f" ({100 * in_groups / total:.1f} %)" if total else ""
+    n_ops = len(operations)
+    channels = f" and {len(space.groups) - n_ops:,} channel groups in {len(layers)} layers" if layers else ""
     lines = [
         table,
         "",
-        f"{len(space.groups)} GeZIG{'' if len(space.groups) == 1 else 's'} over {len(space.segments)} segments; "
-        f"{in_groups:,} of {total:,} parameters{share} lie in GeZIGs",
+        f"{n_ops} GeZIG{'' if n_ops == 1 else 's'} over {len(space.segments)} segments{channels}; "
+        f"{in_groups:,} of {total:,} parameters{share} lie in {'groups' if layers else 'GeZIGs'}",
     ]
     if space.excluded:
         n = len(space.excluded)

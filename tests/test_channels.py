@@ -302,3 +302,11 @@ def test_random_supernets_mixed_removals_are_exact(data, structures):
     if ids:
         assert size(sub) < size(model)
     event(f"channel groups removed: {'some' if any(space.groups[i].kind == 'channel' for i in ids) else 'none'}")
+
+
+def test_summary_has_one_row_per_layer():
+    from fxoto import viz
+
+    text = viz.summary(fxoto.build_space(vgg(), X, structures="channels"))
+    assert "g0..g7" in text and "8 channels, 7 can go" in text and "g16..g31" in text
+    assert "0 GeZIGs over 3 segments and 32 channel groups in 3 layers" in text
