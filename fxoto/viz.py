@@ -110,8 +110,8 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
     """
     erased = sorted(set(erased))
     problem = space.removal_problem(erased) if erased else None  # also checks the ids
-    group_of = {g.segment: g for g in space.groups}
-    gone = {space.groups[i].segment for i in erased}
+    group_of = {g.segment: g for g in space.groups if g.kind == "operation"}  # channel groups: not drawn yet
+    gone = {space.groups[i].segment for i in erased if space.groups[i].kind == "operation"}
     dead = _unreached(space, gone) if gone else set()
 
     lines = [
