@@ -237,7 +237,6 @@ class _Plan(NamedTuple):
     """
 
     parts: list[_Part]
-    groups: list[int]
     mask: Tensor
     gid: Tensor
     numel: Tensor
@@ -742,7 +741,7 @@ class H2SPG(Optimizer):
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def _plan(self, groups: Iterable[int]) -> _Plan:
-        parts, gid, by_param, numel = [], [], {}, []
+        parts, gid, by_param = [], [], {}
         groups = list(groups)
         for g in groups:
             for part in self._parts[g]:
@@ -765,7 +764,7 @@ class H2SPG(Optimizer):
                 index[key] = rows.to(self.device)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[groups] = True
-        return _Plan(parts, groups, mask.to(self.device), torch.tensor(gid, dtype=torch.long, device=self.device),
+        return _Plan(parts, mask.to(self.device), torch.tensor(gid, dtype=torch.long, device=self.device),
                      sizes.to(self.device), by_param, index)
 
     def _member_lr(self, plan: _Plan) -> Tensor:

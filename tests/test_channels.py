@@ -170,18 +170,24 @@ def test_k_per_kind():
         fxoto.build_space(vgg(), X, structures="layers")
 
 
-def test_h2spg_delivers_k_channel_groups():
-    torch.manual_seed(0)
-    model = vgg()
-    model.train()
-    s = fxoto.search(model, {"channels": 0.25}, X, structures="channels")
-    opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
+def train_eight_steps(model, opt) -> torch.Generator:
+    """Eight steps on random batches; returns the generator, to draw test inputs after them."""
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
         x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    return g
+
+
+def test_h2spg_delivers_k_channel_groups():
+    torch.manual_seed(0)
+    model = vgg()
+    model.train()
+    s = fxoto.search(model, {"channels": 0.25}, X, structures="channels")
+    opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
+    g = train_eight_steps(model, opt)
     assert opt.phase == "pruned"
     assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 8
     model.eval()
@@ -268,12 +274,7 @@ def test_h2spg_over_both_kinds():
     model = Residual()
     s = fxoto.search(model, 4, X, structures="both")
     opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    g = train_eight_steps(model, opt)
     assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 4
     model.eval()
     x = torch.randn(4, 3, 8, 8, generator=g)
