@@ -1,59 +1,108 @@
-"""Slim operations, first slice: channel groups beside the GeZIGs (issue 11; DESIGN 7).
+"""Slim operations: channel groups beside the GeZIGs (issue 11; DESIGN 3, 7).
 
-``find_channel_groups`` forms one group per output channel of a stem (a
-``Conv1d/2d/3d`` with ``groups=1`` or a ``Linear``, called once) whose output
-reaches, through per-channel accessories only, stems that read it:
+``find_channel_groups`` forms one group per *channel*: a set of output
+channels that must be zero together for all of them to carry exact zeros
+wherever they go, found in two passes.
 
-* on the way: zero-preserving elementwise ops and pooling (ReLU, dropout,
-  max / average pooling), per-channel modules (batch norm with affine
-  variables, per-channel PReLU, depthwise convolutions) and a flatten into a
-  linear layer (one channel is then a block of columns);
-* at the end: convolution modules with ``groups=1``, transposed ones included,
-  and linear modules, whose input columns the rewrite drops.
+1. Channel spaces (``_walk``).  Tensors whose channel ``c`` is the same
+   channel share a space: the output of a stem (a ``Conv1d/2d/3d`` or a
+   ``Linear``, called once) and everything that keeps its channels in place:
+   zero-preserving elementwise ops, pooling, a flatten into a linear layer (one
+   channel is then a block of columns), per-channel modules (batch norm with
+   affine variables, instance norm, per-channel PReLU, depthwise convolutions,
+   group norm) and ``add`` joints, whose inputs and output all share one space
+   (channel ``c`` of every input of an ``add`` is one channel).  A ``Linear``
+   over more than two dims has its features on the last dim, followed through
+   elementwise ops to the linear layers that read them.
+2. Channels (``_channels``).  A union-find over the spaces' channels joins
+   what the spaces alone cannot: channel ``c`` of an input entering a ``cat``
+   along the channels at offset ``o`` is channel ``o + c`` of the ``cat``; the
+   channels of one group of a group norm go together; the input and output
+   channels of one group of a grouped convolution go together (its weight rows
+   of that group join the group: the channels it reads are gone).
 
-Channel ``c``'s group holds the stem's weight row ``c`` and bias ``c`` and
-entry ``c`` of every per-channel variable on the way (a batch norm's weight
-and bias): zero together, channel ``c`` is exactly zero wherever it goes, so
-the consumers' columns ``c`` can go too.  Zero-invariance is checked along
-the walk with the op table, as for GeZIGs; a layer whose channels go anywhere
-else (a joint, an unknown op, the graph output, a GroupNorm, a grouped
-convolution) is set aside in ``SearchSpace.excluded`` with the reason, one
-entry per layer.
+A group holds the rows of every stem that produces its channels (weight row and
+bias entry) and the entries of every per-channel variable whose zero is needed
+on the way (batch norm, instance norm, group norm and depthwise convolution
+weight and bias): zero together, the channels are exactly zero wherever they go,
+so the readers' input columns can go too.  Zero-invariance is checked on the
+walk with the op table, as for GeZIGs.  A space whose channels go anywhere else
+(the graph output, an unknown op, a reshape, a sigmoid, a layer norm over the
+channels, a product of two activations, a functional or shared stem) is
+*tainted*: its channels form no group, and each stem that loses channels to a
+taint is set aside in ``SearchSpace.excluded`` with the reason, one entry per
+stem.  With ``structures="both"`` a stem or per-channel module inside an
+operation group taints its space, so that the groups of both kinds stay
+disjoint (H2SPG moves each variable for one group).
+
+Transposed convolutions read channels (their input columns are sliced) but are
+no stems here: their output channels are weight columns (dim 1), which H2SPG
+moves per row only.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from fxoto.roles import Channel, Role, Zero
-from fxoto.segments import LIVE, RULE, _flatten_block, _reduce_dims, data_inputs, own_parameters, users
+from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
+from fxoto.segments import LIVE, RULE, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data, own_parameters, users
 from fxoto.shapes import SHAPE, submodule
 from fxoto.space import Exclusion, GeZIG, Member, _numel
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
 @dataclass(frozen=True)
 class ChannelLayer:
-    """A stem whose output channels are groups, and what the rewrite slices with them.
-
-    ``per_channel``: the per-channel modules on the way (their variables and
-    statistics are sliced); ``consumers``: the stems that read the channels, with
-    the number of input columns per channel (1, or H*W after a flatten).
-    """
+    """A stem whose output channels lie in channel groups: ``channels`` of them in the super-network."""
 
     stem: str
     channels: int
-    per_channel: tuple[str, ...]
-    consumers: tuple[tuple[str, int], ...]
 
 
-class _NotFollowed(Exception):
-    pass
+@dataclass(frozen=True)
+class ChannelSlice:
+    """What one channel group zeroes and what the rewrite slices with it.
+
+    ``rows``: (stem, output channel), the weight rows and bias entries that go;
+    ``entries``: (per-channel node, index along its channels);
+    ``columns``: (reading stem, first input column, how many: 1, or H*W after a flatten).
+    """
+
+    rows: tuple[tuple[str, int], ...]
+    entries: tuple[tuple[str, int], ...]
+    columns: tuple[tuple[str, int, int], ...]
 
 
-_PER_CHANNEL_MODULES = (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.modules.conv._ConvNd)
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            a, b = min(a, b), max(a, b)  # the earlier one stays the root
+            self.parent[b] = a
+        return a
 
 
 def _what(node: fx.Node, root: nn.Module) -> str:
@@ -63,159 +112,388 @@ def _what(node: fx.Node, root: nn.Module) -> str:
 
 
 def _stem_problem(node: fx.Node, root: nn.Module) -> str | None:
-    """Why this stem's output channels are no groups in this slice (None: they may be)."""
+    """Why this stem's output channels are no channels of a group (None: they may be)."""
     if node.op != "call_module":
-        return "a functional stem: only Conv and Linear modules are slimmed in this first slice"
+        return "a functional stem: only Conv and Linear modules are slimmed"
     m = submodule(root, node.target)
     if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-        return f"a stem of type {type(m).__name__}: only Conv and Linear modules are slimmed in this first slice"
+        return f"a stem of type {type(m).__name__}: only Conv and Linear modules are slimmed"
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return "a transposed convolution: its output channels are not grouped in this first slice"
-    if isinstance(m, nn.modules.conv._ConvNd) and m.groups != 1:
-        return f"a grouped convolution (groups={m.groups}): its output channels are not grouped in this first slice"
-    if isinstance(m, nn.Linear) and len(node.meta[SHAPE]) != 2:
-        return "a linear layer over more than 2 dims: its features are not on dim 1"
+        return ("a transposed convolution: its output channels are weight columns, which H2SPG does not "
+                "move per channel")
     return None
 
 
-def _follow(stem: fx.Node, root: nn.Module, channels: int) -> tuple[list[fx.Node], list[tuple[fx.Node, int]]]:
-    """Walk the stem's channels to the stems that read them; raise ``_NotFollowed`` with the reason."""
-    per_channel: list[fx.Node] = []
-    consumers: list[tuple[fx.Node, int]] = []
-    seen: set[fx.Node] = set()
-    stack = [(u, stem, 1) for u in users(stem)]
-    while stack:
-        node, prev, block = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "output":
-            raise _NotFollowed("its channels reach the graph output")
-        rule = node.meta.get(RULE)
-        what = _what(node, root)
-        if rule is None or rule.role is Role.UNKNOWN:
-            raise _NotFollowed(f"its channels reach {what}, which fxoto cannot follow (unknown op)")
-        if rule.role is Role.JOINT:
-            raise _NotFollowed(f"its channels reach the joint {what}: channels coupled through joints are not "
-                               f"grouped in this first slice")
-        if data_inputs(node) != [prev]:
-            raise _NotFollowed(f"its channels reach {what}, which reads other data too")
-        if rule.channel is Channel.CONSUME:
-            consumer = submodule(root, node.target) if node.op == "call_module" else None
-            if not isinstance(consumer, (nn.Linear, nn.modules.conv._ConvNd)):
-                raise _NotFollowed(f"its channels reach the stem {what}, whose input columns are sliced only for "
-                                   f"Conv and Linear modules in this first slice")
-            if node.args[0] is not prev:
-                raise _NotFollowed(f"its channels reach {what} other than as its input")
-            if rule.reads == -1 and len(prev.meta[SHAPE]) != 2:
-                raise _NotFollowed(f"its channels reach the linear layer {what} along a dim other than the last")
-            if rule.reads == 1 and block != 1:
-                raise _NotFollowed(f"its channels reach {what} after a flatten")
-            consumers.append((node, block))
-            continue
-        if rule.role is Role.STEM and rule.channel is Channel.OPAQUE:
-            raise _NotFollowed(f"its channels reach {what}, a grouped convolution (or a stem whose input "
-                               f"channels fxoto does not slice)")
-        if rule.zero is Zero.BREAKS:
-            raise _NotFollowed(f"not zero-invariant: {what} does not map zero to zero")
-        if rule.zero is Zero.OWN_VARIABLES and rule.channel is not Channel.PER_CHANNEL:
-            raise _NotFollowed(f"not zero-invariant: {what} maps zero to zero only when its own variables are "
-                               f"zero, and they are not per channel")
-        if rule.channel is Channel.PER_CHANNEL:
-            module = submodule(root, node.target) if node.op == "call_module" else None
-            if not isinstance(module, _PER_CHANNEL_MODULES) or block != 1:
-                raise _NotFollowed(f"its channels reach the per-channel op {what}, which is not sliced in this slice")
-            per_channel.append(node)
-        elif rule.channel is Channel.FLATTEN:
-            b = _flatten_block(prev.meta[SHAPE], node.meta[SHAPE], 1)
-            if b is None:
-                raise _NotFollowed(f"its channels reach {what}, which does not flatten from dim 1")
-            block *= b
-        elif rule.channel is Channel.REDUCE:
-            reduced = _reduce_dims(node, len(prev.meta[SHAPE]))
-            if reduced is None or 1 in reduced[0] or block != 1:
-                raise _NotFollowed(f"its channels reach {what}, which reduces the channel dim")
-        elif rule.channel not in (Channel.ELEMENTWISE, Channel.SPATIAL):
-            raise _NotFollowed(f"its channels cannot be followed through {what}")
-        elif rule.role is not Role.ACCESSORY or (node.op != "call_module" and own_parameters(node, root)):
-            raise _NotFollowed(f"its channels reach {what}, which has variables of its own")
+class _Walk:
+    """Pass 1: the channel spaces of a graph, and what lies in each (module docstring)."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module, taken: set[str]):
+        self.root = root
+        self.spaces = _UnionFind()
+        self.width: list[int] = []  # by space
+        self.why: list[str | None] = []  # the first taint, by space (read at the root)
+        self.space: dict[fx.Node, int] = {}
+        self.dim: dict[fx.Node, int] = {}  # the channel dim of each tensor
+        self.block: dict[fx.Node, int] = {}  # positions per channel along it (H*W after a flatten)
+        self.stems: list[fx.Node] = []  # their output channels are rows (grouped convs included)
+        self.holders: list[tuple[fx.Node, bool]] = []  # per-channel nodes; True: their entries are members
+        self.readers: list[tuple[fx.Node, fx.Node]] = []  # (stem, the tensor whose channels it reads)
+        self.cats: list[tuple[fx.Node, list[tuple[fx.Node, int]]]] = []
+        self.grouped: list[tuple[fx.Node, fx.Node, int]] = []  # (grouped conv, its input, groups)
+        self.tied: list[tuple[fx.Node, int]] = []  # (group norm, channels per group)
+        self.users_of_param: dict[int, set[str]] = {}
+        for node in graph.nodes:
+            if node.op in ("call_module", "call_function", "call_method"):
+                for _, p in own_parameters(node, root):
+                    self.users_of_param.setdefault(id(p), set()).add(node.name)
+        for node in graph.nodes:
+            if node.op == "output":
+                for x in node.all_input_nodes:
+                    if x in self.space:
+                        self.taint(x, "its channels reach the graph output")
+            elif is_data(node) and node.meta.get(LIVE):
+                self.visit(node)
+                self.check_size_reads(node)
+        for node, _ in [*((s, True) for s in self.stems), *self.holders]:
+            if node.name in taken:
+                self.taint(node, f"node '{node.name}' lies in an operation group: kept whole so that the groups "
+                                 f"of both kinds stay disjoint")
+
+    # -- spaces ----------------------------------------------------------------------------
+    def root_of(self, node: fx.Node) -> int:
+        return self.spaces.find(self.space[node])
+
+    def new(self, node: fx.Node, dim: int = 1, why: str | None = None) -> None:
         shape = node.meta[SHAPE]
-        if len(shape) < 2 or shape[1] != channels * block:
-            raise _NotFollowed(f"its channels are not on dim 1 at {what}")
-        stack.extend((u, node, block) for u in users(node))
-    return per_channel, consumers
+        tensor = isinstance(shape, torch.Size) and len(shape) >= 2
+        self.space[node] = self.spaces.add(1)
+        self.width.append(shape[dim] if tensor else 0)
+        self.why.append(why if tensor or why else "no tensor with channels")
+        self.dim[node] = dim % len(shape) if tensor else 1
+        self.block[node] = 1
+
+    def join(self, node: fx.Node, x: fx.Node, dim: int | None = None, block: int | None = None) -> None:
+        """``node`` carries ``x``'s channels (along ``dim``, ``block`` positions each)."""
+        self.space[node] = self.space[x]
+        self.dim[node] = self.dim[x] if dim is None else dim
+        self.block[node] = self.block[x] if block is None else block
+        shape = node.meta[SHAPE]
+        if not isinstance(shape, torch.Size) or shape[self.dim[node]] != self.width[self.root_of(x)] * self.block[node]:
+            self.taint(node, f"its channels are not on one dim at {_what(node, self.root)}")
+
+    def union(self, a: fx.Node, b: fx.Node) -> None:
+        ra, rb = self.root_of(a), self.root_of(b)
+        r = self.spaces.union(ra, rb)
+        self.why[r] = self.why[ra] or self.why[rb]
+
+    def taint(self, node: fx.Node, why: str) -> None:
+        r = self.root_of(node)
+        if self.why[r] is None:
+            self.why[r] = why
+
+    def opaque(self, node: fx.Node, why: str) -> None:
+        """Channels go into ``node`` and are lost: every input tainted, its output a tainted space of its own."""
+        for x in data_inputs(node):
+            if x in self.space:
+                self.taint(x, f"its channels reach {_what(node, self.root)}, {why}")
+        self.new(node, why=f"its channels meet the output of {_what(node, self.root)}, {why}")
+
+    def shared(self, node: fx.Node) -> str | None:
+        for name, p in own_parameters(node, self.root):
+            others = self.users_of_param[id(p)] - {node.name}
+            if others:
+                return f"shared variables: parameter '{name}' is also used by node '{sorted(others)[0]}'"
+        return None
+
+    # -- one node --------------------------------------------------------------------------
+    def visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.new(node, why=f"its channels meet the graph input '{node.name}', which no group can zero")
+            return
+        ins = data_inputs(node)
+        if any(x not in self.space for x in ins):
+            self.opaque(node, "which reads a value fxoto does not follow")
+            return
+        if node.op == "call_function" and node.target in _CATS:
+            self.cat(node)
+            return
+        rule = node.meta[RULE]
+        module = submodule(self.root, node.target) if node.op == "call_module" else None
+        if rule.joint is Joint.ADD:
+            self.add(node, ins)
+        elif rule.role is Role.STEM:
+            self.stem(node, ins, module, rule)
+        elif len(ins) != 1:
+            self.opaque(node, "which combines them with another tensor (only an add, a concat or a stem may)")
+        elif module is not None and isinstance(module, _NORMS):
+            self.norm(node, ins[0], module)
+        else:
+            self.accessory(node, ins[0], rule, module)
+
+    def cat(self, node: fx.Node) -> None:
+        inputs = node.args[0] if node.args else None
+        if not isinstance(inputs, (list, tuple)) or not all(isinstance(x, fx.Node) and x in self.space for x in inputs):
+            self.opaque(node, "a concat fxoto cannot read (give it a list of tensors)")
+            return
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % len(node.meta[SHAPE])
+        if any(self.dim[x] != dim or self.block[x] != 1 for x in inputs):
+            self.opaque(node, "which concatenates them along another dim")
+            return
+        self.new(node, dim)
+        offsets, off = [], 0
+        for x in inputs:
+            offsets.append((x, off))
+            off += x.meta[SHAPE][dim]
+        self.cats.append((node, offsets))
+
+    def add(self, node: fx.Node, ins: list[fx.Node]) -> None:
+        shape = node.meta[SHAPE]
+        first = ins[0]
+        if any(x.meta[SHAPE] != shape or self.dim[x] != self.dim[first] or self.block[x] != self.block[first]
+               for x in ins):
+            self.opaque(node, "which adds them to a tensor of another shape")
+            return
+        self.join(node, first)
+        for x in ins[1:]:
+            self.union(first, x)
+
+    def stem(self, node: fx.Node, ins: list[fx.Node], module: nn.Module | None, rule) -> None:
+        what = _what(node, self.root)
+        x = ins[0] if len(ins) == 1 and node.args and node.args[0] is ins[0] else None
+        conv = isinstance(module, nn.modules.conv._ConvNd)
+        if rule.channel is Channel.PER_CHANNEL and x is not None:  # depthwise: channel c to channel c
+            if self.dim[x] != 1 or self.block[x] != 1:
+                self.opaque(node, "a depthwise convolution reading them after a flatten")
+                return
+            self.join(node, x)
+            self.holders.append((node, True))
+            if (why := self.shared(node)) is not None:
+                self.taint(node, why)
+            return
+        grouped = conv and module.groups > 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+        reads = (1 if conv else -1) if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) else None
+        if x is None or reads is None or (conv and module.groups > 1 and not grouped):
+            self.opaque(node, "a stem whose input channels fxoto does not slice (only Conv and Linear modules, "
+                              "called on one tensor)")
+            if own_parameters(node, self.root):
+                self.stems.append(node)  # set aside with the reason
+            return
+        if self.dim[x] != reads % len(x.meta[SHAPE]):
+            self.taint(x, f"its channels reach {what} along a dim other than the one it reads")
+        elif grouped:
+            if self.block[x] != 1:
+                self.taint(x, f"its channels reach the grouped convolution {what} after a flatten")
+        else:
+            self.readers.append((node, x))
+        problem = _stem_problem(node, self.root) or self.shared(node)
+        self.new(node, reads % len(node.meta[SHAPE]), problem)
+        self.stems.append(node)
+        if grouped and self.dim[x] == 1 and self.block[x] == 1:
+            self.grouped.append((node, x, module.groups))
+        elif grouped:
+            self.taint(node, f"{what} is a grouped convolution whose input channels are not followed")
+
+    def norm(self, node: fx.Node, x: fx.Node, m: nn.Module) -> None:
+        what = _what(node, self.root)
+        if isinstance(m, nn.LayerNorm):
+            dims = len(m.normalized_shape)
+            if self.dim[x] >= len(x.meta[SHAPE]) - dims:
+                self.opaque(node, "a layer norm over the channels: the channels left would be normalised "
+                                  "differently")
+                return
+            if m.elementwise_affine:
+                self.opaque(node, "a layer norm whose variables are shared by all channels: it maps a zero "
+                                  "channel to its bias")
+                return
+            self.join(node, x)  # normalises each channel's positions on their own, no variables
+            return
+        if self.dim[x] != 1 or self.block[x] != 1:
+            self.opaque(node, "a normalisation reading them off dim 1")
+            return
+        self.join(node, x)
+        affine = getattr(m, "affine", False)
+        stats = getattr(m, "track_running_stats", False) and m.running_mean is not None
+        if isinstance(m, nn.GroupNorm):
+            self.tied.append((node, m.num_channels // m.num_groups))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not affine:
+            self.taint(node, f"not zero-invariant: {what} has no affine variables and maps zero to -mean/std")
+            return
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and stats and not affine:
+            self.taint(node, f"not zero-invariant: {what} uses running statistics and has no affine variables")
+            return
+        self.holders.append((node, affine))
+        if (why := self.shared(node)) is not None:
+            self.taint(node, why)
+
+    def accessory(self, node: fx.Node, x: fx.Node, rule, module: nn.Module | None) -> None:
+        what = _what(node, self.root)
+        in_shape, shape = x.meta[SHAPE], node.meta[SHAPE]
+        dim, block = self.dim[x], self.block[x]
+        if not isinstance(in_shape, torch.Size) or not isinstance(shape, torch.Size):
+            self.opaque(node, "which takes or makes something other than one tensor")
+            return
+        if rule.role is Role.UNKNOWN:
+            self.opaque(node, "which fxoto cannot follow (unknown op)")
+            return
+        kind = rule.channel
+        if kind is Channel.PER_CHANNEL and isinstance(module, nn.PReLU) and dim == 1 and block == 1:
+            self.join(node, x)
+            self.holders.append((node, False))  # zero-preserving: its entries are sliced, not zeroed
+            if (why := self.shared(node)) is not None:
+                self.taint(node, why)
+            return
+        if kind is Channel.ELEMENTWISE and shape == in_shape:
+            self.join(node, x)
+        elif kind is Channel.SPATIAL and dim == 1 and block == 1 and len(shape) == len(in_shape) and shape[1] == in_shape[1]:
+            self.join(node, x)
+        elif kind is Channel.FLATTEN and (inner := _flatten_block(in_shape, shape, dim)) is not None:
+            self.join(node, x, dim, block * inner)
+        elif kind is Channel.REDUCE and (reduced := _reduce_dims(node, len(in_shape))) is not None \
+                and dim not in reduced[0] and block == 1:
+            dims, keepdim = reduced
+            self.join(node, x, dim if keepdim else dim - sum(d < dim for d in dims))
+        else:
+            self.opaque(node, f"which moves or mixes channels in a way fxoto does not follow ({kind.value})")
+            return
+        if rule.zero is Zero.BREAKS:
+            self.taint(node, f"not zero-invariant: {what} does not map zero to zero")
+        elif rule.zero is Zero.OWN_VARIABLES:
+            self.taint(node, f"not zero-invariant: {what} maps zero to zero only when its own variables are "
+                             f"zero, and they are not per channel")
+        elif module is None and own_parameters(node, self.root):
+            varies = [f for f in node.meta.get(FACTORS, ()) if _factor_channel(f, in_shape, dim) is not None]
+            if varies or not node.meta.get(FACTORS):
+                self.taint(node, f"its channels reach {what}, which scales them by variables of its own")
+
+    def check_size_reads(self, node: fx.Node) -> None:
+        """A read of the tensor's size along its channels would go stale once channels are removed."""
+        dim = self.dim.get(node)
+        for u in node.users:
+            if not u.meta.get(LIVE) or is_data(u) or u.op == "output":
+                continue
+            if not _reads_other_dims(u, dim, len(node.meta[SHAPE]) if isinstance(node.meta[SHAPE], torch.Size) else 0):
+                self.taint(node, f"its channels' count is read by {_what(u, self.root)}")
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+
+
+def _reads_other_dims(size: fx.Node, dim: int | None, ndim: int) -> bool:
+    """``x.size(d)``, ``x.shape[d]`` or ``x.size()[d]`` with ``d`` not the channel dim."""
+    def fine(d) -> bool:
+        return isinstance(d, int) and ndim > 0 and d % ndim != dim
+
+    if size.op == "call_method" and size.target == "size":
+        if len(size.args) > 1 or "dim" in size.kwargs:
+            return fine(size.args[1] if len(size.args) > 1 else size.kwargs["dim"])
+    elif size.op == "call_function" and getattr(size.target, "__name__", "") == "getattr":
+        if size.args[1] != "shape":
+            return size.args[1] in ("dtype", "device", "ndim", "is_cuda")
+    else:
+        return False
+    return all(u.op == "call_function" and getattr(u.target, "__name__", "") == "getitem" and fine(u.args[1])
+               for u in size.users)
+
+
+def _channels(walk: _Walk):
+    """Pass 2: the union-find over the spaces' channels; by class root: rows, entries, columns, taint."""
+    spaces, width, why = walk.spaces, walk.width, walk.why
+    base: dict[int, int] = {}
+    slots = _UnionFind()
+    for s in range(len(width)):
+        if spaces.find(s) == s:
+            base[s] = slots.add(width[s])
+
+    def slot(node: fx.Node, c: int) -> int:
+        return base[walk.root_of(node)] + c
+
+    for cat, inputs in walk.cats:
+        for x, off in inputs:
+            for c in range(x.meta[SHAPE][walk.dim[x]]):
+                slots.union(slot(x, c), slot(cat, off + c))
+    for conv, x, groups in walk.grouped:
+        ki, ko = x.meta[SHAPE][1] // groups, conv.meta[SHAPE][1] // groups
+        for j in range(groups):
+            first = slot(x, j * ki)
+            for c in range(j * ki + 1, (j + 1) * ki):
+                slots.union(first, slot(x, c))
+            for c in range(j * ko, (j + 1) * ko):
+                slots.union(first, slot(conv, c))
+    for norm, size in walk.tied:
+        for c in range(walk.width[walk.root_of(norm)]):
+            slots.union(slot(norm, c - c % size), slot(norm, c))
+    tainted: dict[int, str] = {}
+    for s, b in base.items():
+        if why[s] is not None:
+            for c in range(width[s]):
+                tainted.setdefault(slots.find(b + c), why[s])
+    rows: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
+    entries: dict[int, list[tuple[fx.Node, int, bool]]] = defaultdict(list)
+    columns: dict[int, list[tuple[fx.Node, int, int]]] = defaultdict(list)
+    for stem in walk.stems:
+        for c in range(width[walk.root_of(stem)]):
+            rows[slots.find(slot(stem, c))].append((stem, c))
+    for holder, member in walk.holders:
+        for c in range(width[walk.root_of(holder)]):
+            entries[slots.find(slot(holder, c))].append((holder, c, member))
+    for reader, x in walk.readers:
+        block = walk.block[x]
+        for c in range(width[walk.root_of(x)]):
+            columns[slots.find(slot(x, c))].append((reader, c * block, block))
+    return rows, entries, columns, tainted
 
 
 def find_channel_groups(
     graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]
-) -> tuple[list[GeZIG], list[Exclusion], dict[str, ChannelLayer]]:
-    """One group per output channel of every stem whose channels can be followed (see module docstring).
+) -> tuple[list[GeZIG], list[Exclusion], dict[str, ChannelLayer], dict[int, ChannelSlice]]:
+    """One group per channel (see module docstring), ids from ``first_id`` (operation groups come first).
 
-    Ids start at ``first_id`` (the operation groups come first).  ``taken``: nodes of
-    operation groups; a stem or per-channel module among them is set aside, so that
-    the groups of both kinds stay disjoint (H2SPG moves each variable for one group).
+    ``taken``: nodes of operation groups; a stem or per-channel module among them
+    taints its channels, so that the groups of both kinds stay disjoint.
+    Returns the groups, the stems set aside (one ``Exclusion`` each, with the
+    reason), the stems whose channels lie in groups, and what each group slices.
     """
-    users_of_param: dict[int, set[str]] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "call_function", "call_method"):
-            for _, p in own_parameters(node, root):
-                users_of_param.setdefault(id(p), set()).add(node.name)
-
+    walk = _Walk(graph, root, taken)
+    rows, entries, columns, tainted = _channels(walk)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     groups: list[GeZIG] = []
-    excluded: list[Exclusion] = []
-    layers: dict[str, ChannelLayer] = {}
-    for stem in graph.nodes:
-        rule = stem.meta.get(RULE)
-        if rule is None or rule.role is not Role.STEM or not stem.meta.get(LIVE) or not own_parameters(stem, root):
+    slices: dict[int, ChannelSlice] = {}
+    params: dict[str, nn.Parameter] = {}
+    lost: dict[fx.Node, list[str]] = defaultdict(list)
+    kept: dict[fx.Node, int] = defaultdict(int)
+    classes = sorted(rows, key=lambda r: (order[rows[r][0][0]], rows[r][0][1]))
+    for r in classes:
+        if r in tainted:
+            for stem, _ in rows[r]:
+                lost[stem].append(tainted[r])
             continue
-        if rule.channel is Channel.PER_CHANNEL:
-            continue  # a depthwise convolution: per-channel on the way of the stem before it
-        problem = _stem_problem(stem, root)
-        channels = 0
-        per_channel: list[fx.Node] = []
-        consumers: list[tuple[fx.Node, int]] = []
-        if problem is None:
-            channels = submodule(root, stem.target).weight.shape[0]
-            try:
-                per_channel, consumers = _follow(stem, root, channels)
-            except _NotFollowed as why:
-                problem = str(why)
-        if problem is None and not consumers:
-            problem = "its channels reach no stem"
-        holders = [stem, *per_channel]
-        if problem is None:
-            inside = next((n.name for n in holders if n.name in taken), None)
-            if inside is not None:
-                problem = (f"node '{inside}' lies in an operation group: kept whole so that the groups of both "
-                           f"kinds stay disjoint (first slice)")
-        members_of: list[tuple[str, nn.Parameter]] = [] if problem else [
-            (name, p) for n in holders for name, p in own_parameters(n, root)
-            if n is stem or n.meta[RULE].zero is Zero.OWN_VARIABLES
-        ]
-        for holder in [] if problem else holders:  # sliced in place: used by nothing else
-            for name, p in own_parameters(holder, root):
-                if users_of_param[id(p)] != {holder.name} and problem is None:
-                    problem = (f"shared variables: parameter '{name}' is also used by node "
-                               f"'{sorted(users_of_param[id(p)] - {holder.name})[0]}'")
-        if problem is None:
-            shared = next((n for n, _ in consumers if users_of_param.get(id(_weight(n, root)), {n.name}) != {n.name}),
-                          None)
-            if shared is not None:
-                problem = f"its channels reach '{shared.name}', whose weight is shared with other nodes"
-        if problem is not None:
-            excluded.append(Exclusion((stem.name,), f"channels: {problem}"))
-            continue
-        params = dict(members_of)
-        for c in range(channels):
-            members = tuple(Member(name, 0, c, c + 1) for name, _ in members_of)
-            groups.append(GeZIG(first_id + len(groups), -1, tuple(n.name for n in holders), members,
-                                _numel(list(members), params), kind="channel"))
-        layers[stem.name] = ChannelLayer(stem.name, channels, tuple(n.name for n in per_channel),
-                                         tuple((n.name, b) for n, b in consumers))
-    return groups, excluded, layers
-
-
-def _weight(node: fx.Node, root: nn.Module):
-    if node.op == "call_module":
-        return submodule(root, node.target).weight
-    return None
+        members: list[Member] = []
+        nodes: dict[str, None] = {}
+        for node, c in rows[r]:
+            nodes[node.name] = None
+            for name, p in own_parameters(node, root):
+                params[name] = p
+                members.append(Member(name, 0, c, c + 1))
+        for node, c, member in entries[r]:
+            nodes[node.name] = None
+            if member:
+                for name, p in own_parameters(node, root):
+                    params[name] = p
+                    members.append(Member(name, 0, c, c + 1))
+        for stem, _ in rows[r]:
+            kept[stem] += 1
+        gid = first_id + len(groups)
+        groups.append(GeZIG(gid, -1, tuple(nodes), tuple(members), _numel(members, params), kind="channel"))
+        slices[gid] = ChannelSlice(tuple((n.name, c) for n, c in rows[r]),
+                                   tuple((n.name, c) for n, c, _ in entries[r]),
+                                   tuple((n.name, lo, k) for n, lo, k in columns[r]))
+    excluded = []
+    for stem in walk.stems:
+        if stem in lost or not kept[stem]:
+            reasons = lost.get(stem) or [walk.why[walk.root_of(stem)] or "its channels reach no stem"]
+            total = len(reasons) + kept[stem]
+            share = f"{len(reasons)} of its {total} output channels: " if kept[stem] else ""
+            excluded.append(Exclusion((stem.name,), f"channels: {share}{reasons[0]}"))
+    layers = {stem.name: ChannelLayer(stem.name, walk.width[walk.root_of(stem)])
+              for stem in walk.stems if kept[stem]}
+    return groups, excluded, layers, slices

@@ -37,14 +37,14 @@ def build_space(
     graph = trace(model, example_inputs, leaf_modules, concrete_args)
     annotate_rules(graph, model, op_table)
     segments = cut_segments(graph)
-    groups, excluded, layers = [], [], {}
+    groups, excluded, layers, slices = [], [], {}, {}
     if structures != "channels":
         groups, excluded = find_gezigs(graph, model, segments)
     if structures != "operations":
         taken = {name for g in groups for name in g.nodes}
-        channel_groups, channel_excluded, layers = find_channel_groups(graph, model, len(groups), taken)
+        channel_groups, channel_excluded, layers, slices = find_channel_groups(graph, model, len(groups), taken)
         groups, excluded = groups + channel_groups, excluded + channel_excluded
-    return SearchSpace(model, graph, segments, groups, excluded, layers)
+    return SearchSpace(model, graph, segments, groups, excluded, layers, slices)
 
 
 class Search:

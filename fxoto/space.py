@@ -204,17 +204,25 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG],
-                 excluded: list[Exclusion], layers: dict | None = None):
+                 excluded: list[Exclusion], layers: dict | None = None, slices: dict | None = None):
         self.model = model
         self.graph = graph
         self.segments = segments
         self.groups = groups
         self.excluded = excluded
-        # Channel groups: their stem's ChannelLayer (fxoto.channels), by stem node name.
+        # Channel groups (fxoto.channels): the stems whose output channels lie in groups
+        # (ChannelLayer, by stem node name), and what each group slices (ChannelSlice, by id).
         self.layers = layers or {}
+        self.slices = slices or {}
         nodes = {n.name: n for n in graph.nodes}
         self._seg_of_group = [g.segment if g.kind == "operation" else None for g in groups]
-        self._layer_of_group = [g.nodes[0] if g.kind == "channel" else None for g in groups]
+        # Per channel group: how many output channels of each stem it removes.
+        self._rows_of_group: list[dict[str, int] | None] = [None] * len(groups)
+        for i, cut in self.slices.items():
+            rows: dict[str, int] = {}
+            for stem, _ in cut.rows:
+                rows[stem] = rows.get(stem, 0) + 1
+            self._rows_of_group[i] = rows
         # Per segment: joint kind of its head and which inputs carry the output
         # shape (an add whose only full-shape operands are gone is not fed).
         self._joint = []
@@ -264,12 +272,11 @@ class SearchSpace:
         ids = self._known(ids)
         gone: dict[str, int] = {}
         for i in set(ids):
-            layer = self._layer_of_group[i]
-            if layer is not None:
-                gone[layer] = gone.get(layer, 0) + 1
-        for layer, n in gone.items():
-            if n >= self.layers[layer].channels:
-                return (f"removing all {n} output channels of node '{layer}' would erase it; fxoto keeps at "
+            for stem, n in (self._rows_of_group[i] or {}).items():
+                gone[stem] = gone.get(stem, 0) + n
+        for stem, n in gone.items():
+            if n >= self.layers[stem].channels:
+                return (f"removing all {n} output channels of node '{stem}' would erase it; fxoto keeps at "
                         f"least one channel per layer")
         erased = {self._seg_of_group[i] for i in ids} - {None}
         fed = [False] * len(self.segments)
@@ -352,25 +359,26 @@ class SearchSpace:
         accepted on top of the ones before it).  The walk behind
         ``sample_removal``, ``greedy_max_removal`` and ``select_removal``.
 
-        A channel group is checked by counting its layer's removed channels (its one
+        A channel group is checked by counting its stems' removed channels (its one
         rule in ``removal_problem``, independent of the operation groups), so a walk
         over tens of thousands of channel groups stays linear.
         """
         chosen: list[int] = []
         operations: list[int] = []
         gone: dict[int, None] = {}
-        per_layer: dict[str, int] = {}
+        per_stem: dict[str, int] = {}
         for i in self._known(order):
             if limit is not None and len(chosen) >= limit:
                 break
-            layer = self._layer_of_group[i]
-            if layer is None:
+            rows = self._rows_of_group[i]
+            if rows is None:
                 if self.is_valid_removal(operations + [i]):
                     operations.append(i)
                     chosen.append(i)
-            elif i in gone or per_layer.get(layer, 0) + 1 < self.layers[layer].channels:
+            elif i in gone or all(per_stem.get(s, 0) + n < self.layers[s].channels for s, n in rows.items()):
                 if i not in gone:
-                    per_layer[layer] = per_layer.get(layer, 0) + 1
+                    for s, n in rows.items():
+                        per_stem[s] = per_stem.get(s, 0) + n
                     gone[i] = None
                 chosen.append(i)
         return chosen

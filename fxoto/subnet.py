@@ -48,34 +48,36 @@ def _erased_nodes(space, ids) -> set[str]:
 def _channel_drops(space, ids) -> dict[str, set[int]]:
     """Output channels to drop, per stem, from the channel groups among ``ids``."""
     drops: dict[str, set[int]] = defaultdict(set)
-    for i in ids:
-        g = space.groups[i]
-        if g.kind == "channel":
-            drops[g.nodes[0]].add(g.members[0].start)  # members[0]: the stem's weight row c
+    for cut in filter(None, map(space.slices.get, ids)):
+        for stem, c in cut.rows:
+            drops[stem].add(c)
     return drops
 
 
-def _slim(space, drops: dict[str, set[int]], erased: set[str], consume, per_channel) -> None:
+def _slim(space, ids, erased: set[str], consume, per_channel) -> None:
     """Add the channel groups' drops to the consumers' columns and the per-channel modules' entries."""
-    for stem, drop in drops.items():
-        layer = space.layers[stem]
-        for name in layer.per_channel:
-            per_channel[name].update(drop)
-        for name, block in layer.consumers:
+    for cut in filter(None, map(space.slices.get, ids)):
+        for name, c in cut.entries:
+            per_channel[name].add(c)
+        for name, lo, n in cut.columns:
             if name not in erased:
-                consume[name].update(c * block + j for c in drop for j in range(block))
+                consume[name].update(range(lo, lo + n))
 
 
 def _slice_stem(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
-    """Drop a stem's output channels: its weight rows and bias entries."""
+    """Drop a stem's output channels: its weight rows and bias entries (a grouped
+    convolution loses whole groups, its input channels with them)."""
     module = gm.get_submodule(node.target)
     keep = _keep(module.weight.shape[0], drop, module.weight.device)
     for name in ("weight", "bias"):
         _slice_param(module, name, 0, keep)
     if isinstance(module, nn.Linear):
         module.out_features = len(keep)
-    else:
-        module.out_channels = len(keep)
+        return
+    if module.groups > 1:
+        module.groups = len(keep) // (module.out_channels // module.groups)
+        module.in_channels = module.groups * module.weight.shape[1]
+    module.out_channels = len(keep)
 
 
 def _removed_features(gm: fx.GraphModule, erased: set[str]):
@@ -334,7 +336,15 @@ def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> Non
         _slice_param(module, "weight", 0, keep)
         module.num_parameters = len(keep)
         return
-    device = next(t.device for t in (module.weight, module.running_mean) if t is not None)
+    tensors = [t for t in (module.weight, getattr(module, "running_mean", None)) if t is not None]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if isinstance(module, nn.GroupNorm):  # whole groups go (fxoto.channels ties them)
+        keep = _keep(module.num_channels, drop, device)
+        for name in ("weight", "bias"):
+            _slice_param(module, name, 0, keep)
+        module.num_groups = len(keep) // (module.num_channels // module.num_groups)
+        module.num_channels = len(keep)
+        return
     keep = _keep(module.num_features, drop, device)
     for name in ("weight", "bias", "running_mean", "running_var"):
         _slice_param(module, name, 0, keep)
@@ -433,7 +443,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     erased = _erased_nodes(space, ids)
     consume, per_channel, factors, moves = _removed_features(space.gm, erased)
     drops = _channel_drops(space, ids)
-    _slim(space, drops, erased, consume, per_channel)
+    _slim(space, ids, erased, consume, per_channel)
 
     sub = copy.deepcopy(space.gm)
     nodes = {n.name: n for n in sub.graph.nodes}

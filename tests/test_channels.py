@@ -104,7 +104,7 @@ def test_operations_are_unchanged_and_first_in_both():
     channel = both.groups[len(ops.groups):]
     assert {g.nodes[0] for g in channel} == {"stem_0"} and len(channel) == 8
     reasons = {e.nodes[0]: e.reason for e in both.excluded}
-    assert "joint" in reasons["pre_0"]  # its channels go into the add
+    assert "node 'branch_3' lies in an operation group" in reasons["pre_0"]  # added to the GeZIG's output
     assert "operation group" in reasons["branch_0"]  # inside the GeZIG: kept whole
 
 
@@ -118,21 +118,126 @@ def test_mixed_removals_are_exact(seed):
     assert_exact(space, ids, X)
 
 
-def test_channels_inside_a_residual_branch():
+def test_channels_coupled_through_an_add():
+    """Channel c of both inputs of the add is one group: pre's row c and branch.3's row c (and their
+    batch norms' entries c); the readers after the add (the head) lose column c."""
     model = randomize_(Residual()).eval()
     space = fxoto.build_space(model, X, structures="channels")
-    assert {g.nodes[0] for g in space.groups} == {"stem_0", "branch_0"}
+    by_stem = {}
+    for g in space.groups:
+        by_stem.setdefault(g.nodes[0], []).append(g)
+    assert {k: len(v) for k, v in by_stem.items()} == {"stem_0": 8, "pre_0": 8, "branch_0": 8}
+    g = by_stem["pre_0"][2]
+    assert [str(m) for m in g.members] == ["pre.0.weight[2:3]", "pre.0.bias[2:3]", "branch.3.weight[2:3]",
+                                           "branch.3.bias[2:3]", "pre.1.weight[2:3]", "pre.1.bias[2:3]",
+                                           "branch.4.weight[2:3]", "branch.4.bias[2:3]"]
+    cut = space.slices[g.id]
+    assert cut.rows == (("pre_0", 2), ("branch_3", 2))
+    assert set(cut.columns) == {("branch_0", 2, 1), ("head", 2, 1)}
     ids = [g.id for g in space.groups if g.members[0].start % 2 == 0]
     sub = assert_exact(space, ids, X)
-    assert sub.get_submodule("branch.3").in_channels == 4
+    assert sub.get_submodule("branch.3").out_channels == sub.get_submodule("pre.0").out_channels == 4
+    assert sub.get_submodule("branch.3").in_channels == 4 and sub.get_submodule("head").in_features == 4
 
 
-class Unsupported(nn.Module):
+class Block(nn.Module):
+    """torchvision's BasicBlock: conv-bn-relu-conv-bn, plus the input or a 1x1 conv-bn downsample."""
+
+    def __init__(self, i, o, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, stride, 1), nn.BatchNorm2d(o)
+        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, 1, 1), nn.BatchNorm2d(o)
+        self.down = nn.Sequential(nn.Conv2d(i, o, 1, stride), nn.BatchNorm2d(o)) if stride != 1 or i != o else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        out += x if self.down is None else self.down(x)
+        return F.relu(out)
+
+
+class ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.blocks = nn.Sequential(Block(4, 4), Block(4, 4), Block(4, 6, 2), Block(6, 6))
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_residual_stream_through_several_blocks_is_one_group_per_channel():
+    model = randomize_(ResNetLike()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    stream = [space.slices[g.id] for g in space.groups if g.nodes[0] == "stem"]
+    assert len(stream) == 4  # channel c: the stem and both blocks' conv2, bn and bn2 entries
+    assert stream[1].rows == (("stem", 1), ("blocks_0_conv2", 1), ("blocks_1_conv2", 1))
+    assert {n for n, _ in stream[1].entries} == {"bn", "blocks_0_bn2", "blocks_1_bn2"}
+    assert {n for n, _, _ in stream[1].columns} == {"blocks_0_conv1", "blocks_1_conv1", "blocks_2_conv1",
+                                                   "blocks_2_down_0"}
+    second = [space.slices[g.id] for g in space.groups if g.nodes[0] == "blocks_2_conv2"]
+    assert len(second) == 6 and second[0].rows == (("blocks_2_conv2", 0), ("blocks_2_down_0", 0),
+                                                   ("blocks_3_conv2", 0))
+    assert [e.reason for e in space.excluded] == ["channels: its channels reach the graph output"]
+    for seed in range(3):
+        randomize_(model, seed)
+        assert_exact(space, space.sample_removal(0.6, seed=seed), X)
+    all_but_one = [g.id for g in space.groups if g.nodes[0] == "stem"][:3]
+    sub = assert_exact(space, all_but_one, X)
+    assert sub.get_submodule("blocks.1.conv2").out_channels == 1
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, i, growth):
+        super().__init__()
+        self.norm, self.conv = nn.BatchNorm2d(i), nn.Conv2d(i, growth, 3, padding=1)
+
+    def forward(self, features):
+        return self.conv(F.relu(self.norm(torch.cat(features, 1))))
+
+
+class DenseNetLike(nn.Module):
+    """torchvision's DenseNet in small: each layer reads the concat of all before it."""
+
+    def __init__(self, c=4, growth=3, layers=3):
+        super().__init__()
+        self.conv0, self.norm0 = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.layers = nn.ModuleList(DenseLayer(c + i * growth, growth) for i in range(layers))
+        self.norm5 = nn.BatchNorm2d(c + layers * growth)
+        self.fc = nn.Linear(c + layers * growth, 5)
+
+    def forward(self, x):
+        features = [F.relu(self.norm0(self.conv0(x)))]
+        for layer in self.layers:
+            features.append(layer(features))
+        x = F.relu(self.norm5(torch.cat(features, 1)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_channels_through_concats_keep_their_offsets():
+    model = randomize_(DenseNetLike()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert len(space.groups) == 4 + 3 * 3 and not space.excluded[1:]
+    second = space.slices[next(g.id for g in space.groups if g.nodes[0] == "layers_1_conv")]  # its channel 0
+    assert second.rows == (("layers_1_conv", 0),)
+    assert sorted(second.entries) == [("layers_2_norm", 7), ("norm5", 7)]  # offset 4 + 3
+    assert sorted(second.columns) == [("fc", 7, 1), ("layers_2_conv", 7, 1)]
+    first = space.slices[space.groups[1].id]
+    assert sorted(first.entries) == [("layers_0_norm", 1), ("layers_1_norm", 1), ("layers_2_norm", 1),
+                                     ("norm0", 1), ("norm5", 1)]
+    for seed in range(4):
+        randomize_(model, seed)
+        sub = assert_exact(space, space.sample_removal(0.5, seed=seed), X)
+    assert sub.get_submodule("norm5").num_features < 13
+
+
+class GroupedAndNormed(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.d = nn.Conv2d(8, 8, 1)
+        self.grouped = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.d = nn.Conv2d(4, 8, 1)
         self.gn = nn.GroupNorm(2, 8)
         self.b = nn.Conv2d(8, 8, 1)
         self.c = nn.Conv2d(8, 8, 1)
@@ -145,16 +250,48 @@ class Unsupported(nn.Module):
         return self.head(x).mean((2, 3))
 
 
+def test_grouped_convolutions_and_group_norms_drop_whole_groups():
+    model = randomize_(GroupedAndNormed()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    rows = [space.slices[g.id].rows for g in space.groups]
+    assert rows[:2] == [tuple(("a", c) for c in range(4)) + (("grouped", 0), ("grouped", 1)),
+                        tuple(("a", c) for c in range(4, 8)) + (("grouped", 2), ("grouped", 3))]
+    assert rows[2:4] == [tuple(("d", c) for c in range(4)), tuple(("d", c) for c in range(4, 8))]
+    assert rows[4:] == [(("b", c), ("c", c)) for c in range(8)]
+    assert [(e.nodes, e.reason) for e in space.excluded] == [(("head",), "channels: its channels reach the graph output")]
+    sub = assert_exact(space, [1, 2, 5, 7], X)
+    assert (sub.get_submodule("grouped").groups, sub.get_submodule("grouped").in_channels) == (1, 4)
+    assert (sub.get_submodule("gn").num_groups, sub.get_submodule("gn").num_channels) == (1, 4)
+    assert space.removal_problem([0, 1]) is not None  # every channel of 'a'
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.c = nn.Linear(8, 8)
+        self.d = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.b(self.up(self.a(x))).mean((2, 3))
+        x = self.c(self.ln(x))
+        return self.d(torch.sigmoid(x) * x)
+
+
 def test_unsupported_layers_are_set_aside_with_a_reason():
-    space = fxoto.build_space(Unsupported(), X, structures="channels")
-    assert space.groups == []
+    model = randomize_(Unsupported()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert [g.nodes[0] for g in space.groups] == ["a"] * 8  # the transposed convolution reads them
     reasons = {e.nodes[0]: e.reason for e in space.excluded}
-    assert "grouped convolution" in reasons["a"]  # a feeds a grouped conv: not followed
-    assert "grouped convolution (groups=2)" in reasons["grouped"]
-    assert "GroupNorm" in reasons["d"]
-    assert "joint" in reasons["b"] and "joint" in reasons["c"]
-    assert "graph output" in reasons["head"]
-    assert len(reasons) == len(space.excluded) == 6
+    assert "transposed convolution" in reasons["up"]
+    assert "layer norm over the channels" in reasons["b"]
+    assert "not zero-invariant: 'sigmoid'" in reasons["c"]
+    assert "graph output" in reasons["d"]
+    assert len(reasons) == len(space.excluded) == 4
+    assert_exact(space, [0, 3], X)
 
 
 def test_k_per_kind():
@@ -243,9 +380,10 @@ def test_other_per_channel_modules_and_stems():
         model[1].weight.uniform_(0.1, 0.5)
     x = torch.randn(3, 3, 8)
     space = fxoto.build_space(model, x, structures="channels")
-    layers = {stem: (layer.channels, layer.per_channel, layer.consumers) for stem, layer in space.layers.items()}
-    assert layers == {"_0": (6, ("_1", "_2", "_3"), (("_5", 1),)), "_5": (5, (), (("_7", 4),)),
-                      "_7": (7, ("_8",), (("_10", 1),))}
+    assert {stem: layer.channels for stem, layer in space.layers.items()} == {"_0": 6, "_5": 5, "_7": 7}
+    first = space.slices[0]
+    assert first.rows == (("_0", 0),) and first.entries == (("_1", 0), ("_2", 0), ("_3", 0))
+    assert first.columns == (("_5", 0, 1),) and space.slices[7].columns == (("_7", 4, 4),)
     assert [str(m) for m in space.groups[0].members] == ["0.weight[0:1]", "0.bias[0:1]", "2.weight[0:1]",
                                                          "2.bias[0:1]", "3.weight[0:1]", "3.bias[0:1]"]
     sub = assert_exact(space, [0, 2, 3, 6, 9, 11, 12], x)
