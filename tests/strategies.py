@@ -226,7 +226,7 @@ def randomize(model: nn.Module, seed: int, dtype=torch.float32) -> nn.Module:
     for m in model.modules():
         for p in m.parameters(recurse=False):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model.to(dtype).eval()
@@ -248,3 +248,128 @@ def valid_removals(draw, space) -> list[int]:
     """A random valid removal: groups tried in a random order, kept while valid."""
     order = draw(st.permutations(range(len(space.groups))))
     return space.greedy_removal(order, draw(st.integers(0, len(space.groups))))
+
+
+# -- plain chains, for channel groups --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a chain: ``kind`` with ``out`` channels; ``arg`` its variant (see ``_layer_module``)."""
+
+    kind: str  # "conv", "grouped", "depthwise", "transposed", "norm", "act", "pool", "prelu", "again"
+    out: int
+    arg: str | int = ""
+    twice: bool = False  # a square convolution called again on its own output (a shared layer)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    in_channels: int
+    size: int
+    layers: tuple[Layer, ...]
+    head: str  # "pool", "flatten", "hidden_bn", "hidden_ln", "tokens"
+    hidden: int
+    classes: int
+
+
+NORMS = ("bn", "gn", "in", "in_affine", "in_stats", "in_affine_stats", "bn_plain")
+
+
+def _layer_module(layer: Layer, c: int) -> nn.Module:
+    if layer.kind in ("conv", "grouped", "depthwise"):
+        groups = {"conv": 1, "grouped": layer.arg, "depthwise": c}[layer.kind]
+        return nn.Conv2d(c, layer.out, 3, padding=1, groups=groups)
+    if layer.kind == "transposed":
+        return nn.ConvTranspose2d(c, layer.out, 3, padding=1)
+    if layer.kind == "act":
+        return ACTIVATIONS[layer.arg]()
+    if layer.kind == "pool":
+        return nn.MaxPool2d(3, 1, 1)
+    if layer.kind == "prelu":
+        return nn.PReLU(c)
+    kind, groups = (layer.arg, 1) if isinstance(layer.arg, str) else ("gn", layer.arg)
+    if kind == "gn":
+        return nn.GroupNorm(groups, c)
+    if kind.startswith("bn"):
+        return nn.BatchNorm2d(c, affine=kind == "bn")
+    return nn.InstanceNorm2d(c, affine="affine" in kind, track_running_stats="stats" in kind)
+
+
+class ChainNet(nn.Module):
+    """Runs a ``ChainSpec``: the layers in a row (an "again" layer calls an earlier module once more), then the head."""
+
+    def __init__(self, spec: ChainSpec):
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList()
+        c = spec.in_channels
+        for layer in spec.layers:
+            self.layers.append(self.layers[layer.arg] if layer.kind == "again" else _layer_module(layer, c))
+            c = layer.out
+        h, hidden = spec.hidden, spec.head
+        features = c * spec.size * spec.size if hidden == "flatten" else c
+        if hidden in ("pool", "flatten"):
+            self.head = nn.Linear(features, spec.classes)
+        elif hidden == "tokens":
+            self.head = nn.Sequential(nn.Linear(c, h), nn.GELU(), nn.Linear(h, spec.classes))
+        else:
+            norm = nn.BatchNorm1d(h) if hidden == "hidden_bn" else nn.LayerNorm(h)
+            self.head = nn.Sequential(nn.Linear(c, h), norm, nn.ReLU(), nn.Linear(h, spec.classes))
+
+    def forward(self, x):
+        for layer, m in zip(self.spec.layers, self.layers):
+            x = m(x)
+            if layer.twice:
+                x = m(x)
+        if self.spec.head == "tokens":  # features on the last dim: [N, H*W, C]
+            return self.head(x.flatten(2).transpose(1, 2)).mean(1)
+        if self.spec.head != "flatten":
+            x = nn.functional.adaptive_avg_pool2d(x, 1)
+        return self.head(torch.flatten(x, 1))
+
+
+@st.composite
+def chain_specs(draw, max_layers: int = 7, max_width: int = 6) -> ChainSpec:
+    c = in_channels = draw(st.integers(1, 3))
+    layers: list[Layer] = []
+    convs: list[int] = []  # indices of square convolutions (called again by "again")
+    for _ in range(draw(st.integers(1, max_layers))):
+        kind = draw(st.sampled_from(["conv", "conv", "grouped", "depthwise", "transposed", "norm", "norm", "act",
+                                     "pool", "prelu", "again"]))
+        divisors = [d for d in range(2, c + 1) if c % d == 0]
+        fits = [i for i in convs if layers[i].out == c]
+        if kind == "grouped" and divisors:
+            g = draw(st.sampled_from(divisors))
+            layer = Layer("grouped", g * draw(st.integers(1, 2)), g)
+        elif kind == "depthwise":
+            layer = Layer("depthwise", c)
+        elif kind == "norm":
+            layer = Layer("norm", c, draw(st.sampled_from(NORMS + tuple(divisors))))
+        elif kind == "act":
+            layer = Layer("act", c, draw(st.sampled_from(sorted(ACTIVATIONS))))
+        elif kind in ("pool", "prelu"):
+            layer = Layer(kind, c)
+        elif kind == "again" and fits:
+            layer = Layer("again", c, draw(st.sampled_from(fits)))
+        else:
+            out = draw(st.integers(1, max_width))
+            layer = Layer("transposed" if kind == "transposed" else "conv", out,
+                          twice=out == c and draw(st.booleans()))
+            if layer.kind == "conv" and out == c:
+                convs.append(len(layers))
+        layers.append(layer)
+        c = layer.out
+    head = draw(st.sampled_from(["pool", "flatten", "hidden_bn", "hidden_ln", "tokens"]))
+    return ChainSpec(in_channels, draw(st.integers(2, 4)), tuple(layers), head, draw(st.integers(1, 5)),
+                     draw(st.integers(1, 3)))
+
+
+@st.composite
+def chains(draw, dtype=torch.float32, **kw):
+    """A random plain chain (eval mode, random values and statistics) and an input for it."""
+    spec = draw(chain_specs(**kw))
+    seed = draw(st.integers(0, 2**16))
+    model = randomize(ChainNet(spec), seed, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(draw(st.integers(2, 3)), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
+    return model, x

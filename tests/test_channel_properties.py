@@ -1,0 +1,47 @@
+"""Channel groups over random plain chains (tests/strategies.py ``chains``): grouped, depthwise and
+transposed convolutions, batch / group / instance / layer norms, shared layers, flatten-linear and
+token heads.  The promise: a random valid removal gives a sub-network equal to the zeroed
+super-network and strictly smaller; a stem whose channels form no group says why."""
+
+import torch
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+import fxoto
+from strategies import chains, valid_removals
+
+
+def check_exact(model, x, space, ids):
+    space.zero_(ids)
+    with torch.no_grad():
+        expected = model(x)
+        sub = space.construct_subnet(ids)
+        got = sub(x)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=0), \
+        (got - expected).abs().max()
+    if ids:
+        assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@settings(max_examples=40, deadline=None)
+@given(chains(), st.data())
+def test_random_chains_random_channel_removals_are_exact(net, data):
+    model, x = net
+    space = fxoto.build_space(model, (x,), structures="channels")
+    note(f"set aside: {[(e.nodes[0], e.reason) for e in space.excluded]}")
+    assert all(g.kind == "channel" for g in space.groups)
+    assert all(e.reason.startswith("channels: ") and len(e.reason) > 20 for e in space.excluded)
+    ids = data.draw(valid_removals(space))
+    note(f"removed: {[space.slices[i].rows for i in ids]}")
+    check_exact(model, x, space, ids)
+
+
+@settings(max_examples=20, deadline=None)
+@given(chains(dtype=torch.float64), st.data())
+def test_the_largest_removal_is_exact(net, data):
+    """Every stem down to one channel (or one group of channels)."""
+    model, x = net
+    space = fxoto.build_space(model, (x,), structures="channels")
+    ids = space.greedy_max_removal()
+    check_exact(model, x, space, ids)
