@@ -3,7 +3,9 @@
 * ``summary``: one row per GeZIG, totals, and the segments set aside with their reasons.
 * ``to_dot``: Graphviz DOT of the dependency graph of segments (paper, Figure 1b), with the
   GeZIGs filled in distinct colours; groups in ``erased`` are drawn dashed and grey, as the
-  paper draws the removed vertices (Figure 3).
+  paper draws the removed vertices (Figure 3). Channel groups are drawn per layer: a note
+  beside the segment that holds the layer, in a colour of its own, saying how many of its
+  channels can go (or, with ``erased``, how many are erased).
 * ``render``: the DOT file and, by Graphviz's ``dot`` when installed, an SVG; without Graphviz
   a PNG drawn by matplotlib (when importable) in a layered layout.
 """
@@ -107,12 +109,22 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
     ``g<id>``, joint segments as hexagons, the source and output as ellipses, other segments
     as boxes. Edges follow ``Segment.inputs``. Segments of the groups in ``erased``, and the
     segments that would then no longer reach the output, are dashed and grey.
+
+    A layer with channel groups is a note ``c<first id>`` joined by a dotted line to its
+    segment, filled in a colour of its own: ``"conv1: 63 of 64 ch can go"`` (every channel
+    but one), or with ``erased`` ``"conv1: 32 of 64 ch erased"``; the caption counts the
+    erased channels and layers rather than listing their ids.
     """
     erased = sorted(set(erased))
     problem = space.removal_problem(erased) if erased else None  # also checks the ids
-    group_of = {g.segment: g for g in space.groups if g.kind == "operation"}  # channel groups: not drawn yet
+    group_of = {g.segment: g for g in space.groups if g.kind == "operation"}
     gone = {space.groups[i].segment for i in erased if space.groups[i].kind == "operation"}
     dead = _unreached(space, gone) if gone else set()
+    layers = _channel_layers(space)
+    slimmed = {}
+    for i in erased:
+        if space.groups[i].kind == "channel":
+            slimmed[space.groups[i].nodes[0]] = slimmed.get(space.groups[i].nodes[0], 0) + 1
 
     lines = [
         "digraph fxoto {",
@@ -122,7 +134,12 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
         '  edge [color="#555555", arrowsize=0.7];',
     ]
     if erased:
-        caption = "erased: " + " ".join(f"g{i}" for i in erased)
+        operations = [i for i in erased if space.groups[i].kind == "operation"]
+        caption = "erased: " + " ".join(f"g{i}" for i in operations)
+        if slimmed:
+            n = sum(slimmed.values())
+            caption += ("; " if operations else "") + f"{n:,} channel{'s' if n > 1 else ''} in {len(slimmed)} " \
+                f"layer{'s' if len(slimmed) > 1 else ''}"
         caption += f"\n(not a valid removal: {problem})" if problem else ""
         lines.append(f'  labelloc=b; label={_quote(caption)};')
     for seg in space.segments:
@@ -146,8 +163,29 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
             faded = {seg.id, i} & (gone | dead)
             style = " " + _attrs(style="dashed", color=_GREY_LINE) if faded else ""
             lines.append(f"  s{i} -> s{seg.id}{style};")
+    for stem, (first, channels, segment) in layers.items():
+        if slimmed.get(stem):
+            text = f"{_shorten(stem)}: {slimmed[stem]} of {channels} ch erased"
+        else:
+            text = f"{_shorten(stem)}: {channels - 1} of {channels} ch can go"
+        attrs = {"shape": "note", "style": "filled", "fillcolor": _colour(first), "label": text}
+        if segment in gone or segment in dead:
+            attrs.update(style="dashed,filled", fillcolor=_GREY_FILL, color=_GREY_LINE, fontcolor=_GREY_LINE)
+        lines.append(f"  c{first} {_attrs(**attrs)};")
+        lines.append(f"  s{segment} -> c{first} {_attrs(style='dotted', arrowhead='none')};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _channel_layers(space: SearchSpace) -> dict[str, tuple[int, int, int]]:
+    """Per layer with channel groups (by stem node): its first group id, its channels, its segment."""
+    segment_of = {name: seg.id for seg in space.segments for name in seg.nodes}
+    layers: dict[str, tuple[int, int, int]] = {}
+    for g in space.groups:
+        if g.kind == "channel" and g.nodes[0] in segment_of:
+            first, n, segment = layers.get(g.nodes[0], (g.id, 0, segment_of[g.nodes[0]]))
+            layers[g.nodes[0]] = (first, n + 1, segment)
+    return layers
 
 
 def _unreached(space: SearchSpace, gone: set[int]) -> set[int]:
@@ -286,7 +324,8 @@ def _draw_png(parsed, png: Path) -> None:
     ax.set_xlim(-width / 2, width / 2)
     ax.set_ylim(-len(layers) + 0.5, 0.5)
     ax.axis("off")
-    boxstyle = {"box": "square,pad=0.4", "ellipse": "round,pad=0.5", "hexagon": "round4,pad=0.4"}
+    boxstyle = {"box": "square,pad=0.4", "ellipse": "round,pad=0.5", "hexagon": "round4,pad=0.4",
+                "note": "round,pad=0.3"}
     texts = {}
     for level, layer in enumerate(layers):
         for i, name in enumerate(layer):
@@ -313,7 +352,8 @@ def _draw_png(parsed, png: Path) -> None:
             texts[a].get_position(), texts[b].get_position(),
             patchA=texts[a].get_bbox_patch(), patchB=texts[b].get_bbox_patch(),
             connectionstyle=f"arc3,rad={0.3 if skips else 0.0}",
-            arrowstyle="-|>", mutation_scale=10, zorder=4,
-            color=attrs.get("color", "#555555"), linestyle="--" if attrs.get("style") == "dashed" else "-",
+            arrowstyle="-" if attrs.get("arrowhead") == "none" else "-|>", mutation_scale=10, zorder=4,
+            color=attrs.get("color", "#555555"),
+            linestyle={"dashed": "--", "dotted": ":"}.get(attrs.get("style", ""), "-"),
         ))
     fig.savefig(png, dpi=dpi)

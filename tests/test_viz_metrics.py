@@ -118,6 +118,59 @@ def test_graphviz_accepts_the_dot(demo):
         assert "<svg" in done.stdout
 
 
+def _notes(dot):
+    """The channel-layer notes: first group id -> (label, the segment it hangs from)."""
+    labels = dict(re.findall(r'^\s*c(\d+) \[.*label="([^"]*)"', dot, flags=re.M))
+    segments = dict((c, s) for s, c in re.findall(r"^\s*s(\d+) -> c(\d+)", dot, flags=re.M))
+    return {int(c): (label, int(segments[c])) for c, label in labels.items()}
+
+
+def test_channel_layers_are_notes_saying_how_many_channels_can_go(demo):
+    model, _ = demo
+    space = fxoto.build_space(model, (X,), structures="both")
+    layers = {}
+    for g in space.groups:
+        if g.kind == "channel":
+            layers.setdefault(g.nodes[0], []).append(g.id)
+    assert layers  # DemoSupNet's conv1 and conv6 feed only convolutions
+    notes = _notes(viz.to_dot(space))
+    assert sorted(notes) == sorted(ids[0] for ids in layers.values())
+    for stem, ids in layers.items():
+        label, segment = notes[ids[0]]
+        assert label == f"{stem}: {len(ids) - 1} of {len(ids)} ch can go"
+        assert stem in space.segments[segment].nodes
+    vertices = _vertices(viz.to_dot(space))
+    assert sorted(vertices) == [s.id for s in space.segments]  # the notes are no segments
+    fills = re.findall(r'^\s*[sc]\d+ \[.*fillcolor="([^"]+)"', viz.to_dot(space), flags=re.M)
+    assert len(fills) == len(set(fills))  # a colour per GeZIG and per layer
+
+
+def test_erased_channels_are_counted_per_layer(demo):
+    model, _ = demo
+    space = fxoto.build_space(model, (X,), structures="both")
+    operation = next(g.id for g in space.groups if g.kind == "operation")
+    channels = [g for g in space.groups if g.kind == "channel"]
+    stem = channels[0].nodes[0]
+    slimmed = [g.id for g in channels if g.nodes[0] == stem][:5]
+    dot = viz.to_dot(space, erased=[operation, *slimmed])
+    label, _ = _notes(dot)[slimmed[0]]
+    assert label.startswith(f"{stem}: 5 of ") and label.endswith(" ch erased")
+    assert f"erased: g{operation}; 5 channels in 1 layer" in dot
+    nodes, edges, caption = viz._parse_dot(dot)  # the fallback reads the notes too
+    assert nodes[f"c{slimmed[0]}"]["label"] == label
+    assert caption == f"erased: g{operation}; 5 channels in 1 layer"
+
+
+def test_graphviz_accepts_the_channel_notes(demo):
+    assert shutil.which("dot"), "Graphviz's dot is needed"
+    model, _ = demo
+    space = fxoto.build_space(model, (X,), structures="channels")
+    erased = space.sample_removal(0.2)
+    done = subprocess.run(["dot", "-Tsvg"], input=viz.to_dot(space, erased), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ch erased" in done.stdout
+
+
 # -- render ------------------------------------------------------------------------------
 
 def test_render_with_graphviz_writes_dot_and_svg(demo, tmp_path):
@@ -135,6 +188,14 @@ def test_render_without_graphviz_draws_a_png(demo, tmp_path, monkeypatch):
     assert out == tmp_path / "demo.png"
     assert out.read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "demo.dot").exists()
+
+
+def test_render_without_graphviz_draws_the_channel_notes(demo, tmp_path, monkeypatch):
+    model, _ = demo
+    space = fxoto.build_space(model, (X,), structures="both")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = viz.render(viz.to_dot(space, erased=space.sample_removal(0.2)), tmp_path / "both")
+    assert out.read_bytes().startswith(b"\x89PNG")
 
 
 def test_render_without_graphviz_or_matplotlib_writes_only_the_dot(demo, tmp_path, monkeypatch):
