@@ -18,13 +18,14 @@ import shutil
 import subprocess
 import textwrap
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tabulate import tabulate
 
 from fxoto.space import SearchSpace
 
-__all__ = ["render", "summary", "to_dot"]
+__all__ = ["ChannelSet", "channel_sets", "render", "summary", "to_dot"]
 
 _GOLDEN = 0.618033988749895
 _GREY_FILL = "#eeeeee"
@@ -53,36 +54,94 @@ def _colour(i: int) -> str:
     return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 
+@dataclass(frozen=True)
+class ChannelSet:
+    """Channel groups whose channels are rows of the same stems (coupled through joints).
+
+    ``rows``: per group id, how many output channels of ``stems[0]`` it holds;
+    ``channels``: their sum (the channels of ``stems[0]`` in this set); ``can_go``: how many
+    of them a removal of this set's groups alone can take, every stem keeping a channel.
+    """
+
+    stems: tuple[str, ...]
+    ids: tuple[int, ...]
+    rows: dict[int, int]
+    channels: int
+    can_go: int
+
+
+def channel_sets(space: SearchSpace) -> list[ChannelSet]:
+    """The channel groups by the stems they slim, in order of their first group."""
+    by_stems: dict[tuple[str, ...], list[int]] = {}
+    for g in space.groups:
+        if g.kind == "channel":
+            cut = space.slices.get(g.id)
+            stems = tuple(dict.fromkeys(stem for stem, _ in cut.rows)) if cut else (g.nodes[0],)
+            by_stems.setdefault(stems, []).append(g.id)
+    sets = []
+    for stems, ids in by_stems.items():
+        rows = {i: _rows(space, i) for i in ids}
+        gone: dict[str, int] = {}
+        can_go = 0
+        for i in ids:  # greedily, as SearchSpace.removal_problem counts: each stem keeps a channel
+            if all(gone.get(stem, 0) + n < _channels(space, stem) for stem, n in rows[i].items()):
+                for stem, n in rows[i].items():
+                    gone[stem] = gone.get(stem, 0) + n
+                can_go += rows[i].get(stems[0], 0)
+        first = {i: r.get(stems[0], 0) for i, r in rows.items()}
+        sets.append(ChannelSet(stems, tuple(ids), first, sum(first.values()), can_go))
+    return sets
+
+
+def _rows(space: SearchSpace, i: int) -> dict[str, int]:
+    """How many output channels of each stem channel group ``i`` holds."""
+    cut = space.slices.get(i)
+    if cut is None:
+        return {space.groups[i].nodes[0]: 1}
+    rows: dict[str, int] = {}
+    for stem, _ in cut.rows:
+        rows[stem] = rows.get(stem, 0) + 1
+    return rows
+
+
+def _channels(space: SearchSpace, stem: str) -> int:
+    layer = space.layers.get(stem)
+    return layer.channels if layer is not None else 0
+
+
 def summary(space: SearchSpace) -> str:
     """A table of the GeZIGs (id, nodes, members, parameters), totals and the exclusions.
 
-    Channel groups take one row per layer: their ids, the stem and per-channel modules,
-    how many channels can go (all but one) and their parameters.
+    Channel groups take one row per set of coupled layers (``channel_sets``): their ids,
+    the stems and per-channel modules, how many channels of the first stem there are and
+    how many can go, and their parameters.
     """
     operations = [g for g in space.groups if g.kind == "operation"]
     rows = [
         [f"g{g.id}", g.segment, " -> ".join(_abbreviate([_shorten(n, 40) for n in g.nodes])), len(g.members), g.numel]
         for g in operations
     ]
-    layers: dict[str, list] = {}
-    for g in space.groups:
-        if g.kind == "channel":
-            layers.setdefault(g.nodes[0], []).append(g)
-    for groups in layers.values():
+    sets = channel_sets(space)
+    for cs in sets:
+        groups = [space.groups[i] for i in cs.ids]
         nodes = " -> ".join(_abbreviate([_shorten(n, 40) for n in groups[0].nodes]))
-        rows.append([f"g{groups[0].id}..g{groups[-1].id}", "-", nodes,
-                     f"{len(groups)} channels, {len(groups) - 1} can go", sum(g.numel for g in groups)])
+        count = f"{cs.channels} channels, {cs.can_go} can go"
+        if len(cs.ids) != cs.channels:
+            count += f" ({len(cs.ids)} groups)"
+        ids = f"g{cs.ids[0]}..g{cs.ids[-1]}" if len(cs.ids) > 1 else f"g{cs.ids[0]}"
+        rows.append([ids, "-", nodes, count, sum(g.numel for g in groups)])
     table = tabulate(rows, headers=["GeZIG", "segment", "nodes", "members", "params"], intfmt=",")
     in_groups = sum(g.numel for g in space.groups)
     total = sum(p.numel() for p in space.model.parameters())
     share = f" ({100 * in_groups / total:.1f} %)" if total else ""
     n_ops = len(operations)
-    channels = f" and {len(space.groups) - n_ops:,} channel groups in {len(layers)} layers" if layers else ""
+    channels = (f" and {len(space.groups) - n_ops:,} channel groups over {len(space.layers)} layers"
+                f"{f' ({len(sets)} coupled sets)' if len(sets) != len(space.layers) else ''}") if sets else ""
     lines = [
         table,
         "",
         f"{n_ops} GeZIG{'' if n_ops == 1 else 's'} over {len(space.segments)} segments{channels}; "
-        f"{in_groups:,} of {total:,} parameters{share} lie in {'groups' if layers else 'GeZIGs'}",
+        f"{in_groups:,} of {total:,} parameters{share} lie in {'groups' if sets else 'GeZIGs'}",
     ]
     if space.excluded:
         n = len(space.excluded)
@@ -112,19 +171,20 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
 
     A layer with channel groups is a note ``c<first id>`` joined by a dotted line to its
     segment, filled in a colour of its own: ``"conv1: 63 of 64 ch can go"`` (every channel
-    but one), or with ``erased`` ``"conv1: 32 of 64 ch erased"``; the caption counts the
-    erased channels and layers rather than listing their ids.
+    but one), or with ``erased`` ``"conv1: 32 of 64 ch erased"``; a set of layers coupled
+    through joints (``channel_sets``) is one note, named by its first stem (``"conv1 +2
+    coupled"``), joined to the segment of each. The caption counts the erased channel groups
+    and the layers they slim rather than listing their ids.
     """
     erased = sorted(set(erased))
     problem = space.removal_problem(erased) if erased else None  # also checks the ids
     group_of = {g.segment: g for g in space.groups if g.kind == "operation"}
     gone = {space.groups[i].segment for i in erased if space.groups[i].kind == "operation"}
     dead = _unreached(space, gone) if gone else set()
-    layers = _channel_layers(space)
-    slimmed = {}
-    for i in erased:
-        if space.groups[i].kind == "channel":
-            slimmed[space.groups[i].nodes[0]] = slimmed.get(space.groups[i].nodes[0], 0) + 1
+    sets = channel_sets(space)
+    gone_ids = set(erased)
+    slimmed = {cs.ids[0]: sum(cs.rows[i] for i in cs.ids if i in gone_ids) for cs in sets}
+    slimmed = {first: n for first, n in slimmed.items() if n}
 
     lines = [
         "digraph fxoto {",
@@ -136,10 +196,11 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
     if erased:
         operations = [i for i in erased if space.groups[i].kind == "operation"]
         caption = "erased: " + " ".join(f"g{i}" for i in operations)
-        if slimmed:
-            n = sum(slimmed.values())
-            caption += ("; " if operations else "") + f"{n:,} channel{'s' if n > 1 else ''} in {len(slimmed)} " \
-                f"layer{'s' if len(slimmed) > 1 else ''}"
+        channel_ids = [i for i in erased if space.groups[i].kind == "channel"]
+        if channel_ids:
+            n, stems = len(channel_ids), {stem for i in channel_ids for stem in _rows(space, i)}
+            caption += ("; " if operations else "") + f"{n:,} channel group{'s' if n > 1 else ''} in " \
+                f"{len(stems)} layer{'s' if len(stems) > 1 else ''}"
         caption += f"\n(not a valid removal: {problem})" if problem else ""
         lines.append(f'  labelloc=b; label={_quote(caption)};')
     for seg in space.segments:
@@ -163,29 +224,23 @@ def to_dot(space: SearchSpace, erased: Iterable[int] = ()) -> str:
             faded = {seg.id, i} & (gone | dead)
             style = " " + _attrs(style="dashed", color=_GREY_LINE) if faded else ""
             lines.append(f"  s{i} -> s{seg.id}{style};")
-    for stem, (first, channels, segment) in layers.items():
-        if slimmed.get(stem):
-            text = f"{_shorten(stem)}: {slimmed[stem]} of {channels} ch erased"
+    segment_of = {name: seg.id for seg in space.segments for name in seg.nodes}
+    for cs in sets:
+        first = cs.ids[0]
+        name = _shorten(cs.stems[0]) + (f" +{len(cs.stems) - 1} coupled" if len(cs.stems) > 1 else "")
+        if first in slimmed:
+            text = f"{name}: {slimmed[first]} of {cs.channels} ch erased"
         else:
-            text = f"{_shorten(stem)}: {channels - 1} of {channels} ch can go"
+            text = f"{name}: {cs.can_go} of {cs.channels} ch can go"
+        segments = sorted({segment_of[stem] for stem in cs.stems if stem in segment_of})
         attrs = {"shape": "note", "style": "filled", "fillcolor": _colour(first), "label": text}
-        if segment in gone or segment in dead:
+        if all(i in gone or i in dead for i in segments):
             attrs.update(style="dashed,filled", fillcolor=_GREY_FILL, color=_GREY_LINE, fontcolor=_GREY_LINE)
         lines.append(f"  c{first} {_attrs(**attrs)};")
-        lines.append(f"  s{segment} -> c{first} {_attrs(style='dotted', arrowhead='none')};")
+        for i in segments:
+            lines.append(f"  s{i} -> c{first} {_attrs(style='dotted', arrowhead='none')};")
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _channel_layers(space: SearchSpace) -> dict[str, tuple[int, int, int]]:
-    """Per layer with channel groups (by stem node): its first group id, its channels, its segment."""
-    segment_of = {name: seg.id for seg in space.segments for name in seg.nodes}
-    layers: dict[str, tuple[int, int, int]] = {}
-    for g in space.groups:
-        if g.kind == "channel" and g.nodes[0] in segment_of:
-            first, n, segment = layers.get(g.nodes[0], (g.id, 0, segment_of[g.nodes[0]]))
-            layers[g.nodes[0]] = (first, n + 1, segment)
-    return layers
 
 
 def _unreached(space: SearchSpace, gone: set[int]) -> set[int]:

@@ -155,10 +155,41 @@ def test_erased_channels_are_counted_per_layer(demo):
     dot = viz.to_dot(space, erased=[operation, *slimmed])
     label, _ = _notes(dot)[slimmed[0]]
     assert label.startswith(f"{stem}: 5 of ") and label.endswith(" ch erased")
-    assert f"erased: g{operation}; 5 channels in 1 layer" in dot
+    assert f"erased: g{operation}; 5 channel groups in 1 layer" in dot
     nodes, edges, caption = viz._parse_dot(dot)  # the fallback reads the notes too
     assert nodes[f"c{slimmed[0]}"]["label"] == label
-    assert caption == f"erased: g{operation}; 5 channels in 1 layer"
+    assert caption == f"erased: g{operation}; 5 channel groups in 1 layer"
+
+
+class Residual(nn.Module):
+    """stem -> x + b(a(x)) -> head: stem's and b's channels meet at the add, a's do not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.b(torch.relu(self.a(x))))
+
+
+def test_layers_coupled_through_an_add_are_one_note_joined_to_each_segment():
+    space = fxoto.build_space(Residual().eval(), (X,), structures="channels")
+    sets = viz.channel_sets(space)
+    assert sorted(cs.stems for cs in sets) == [("a",), ("stem", "b")]
+    coupled = next(cs for cs in sets if len(cs.stems) == 2)
+    assert (coupled.channels, coupled.can_go, len(coupled.ids)) == (6, 5, 6)
+    label, _ = _notes(viz.to_dot(space))[coupled.ids[0]]
+    assert label == "stem +1 coupled: 5 of 6 ch can go"
+    joined = re.findall(rf"^\s*s(\d+) -> c{coupled.ids[0]} ", viz.to_dot(space), flags=re.M)
+    segment_of = {n: seg.id for seg in space.segments for n in seg.nodes}
+    assert sorted(map(int, joined)) == sorted({segment_of["stem"], segment_of["b"]})
+    text = viz.summary(space)
+    assert "6 channels, 5 can go" in text and "4 channels, 3 can go" in text
+    assert "10 channel groups over 3 layers (2 coupled sets)" in text
 
 
 def test_graphviz_accepts_the_channel_notes(demo):
