@@ -1,0 +1,162 @@
+"""Channel coverage: fxoto's channel groups against the channels torch-pruning can prune (issue 11).
+
+For each torchvision classification model (random values, eval, one small input as in
+``tests/zoo_models.py``) this counts, side by side:
+
+* fxoto: the channel groups of ``fxoto.build_space(model, x, structures="channels")``, one
+  group per output channel of a layer it can slim, and the layers they belong to;
+* torch-pruning: the sum over the pruning groups of ``DependencyGraph().get_all_groups`` (Conv
+  and Linear roots, the 1000-class classifier ignored, as in torch-pruning's own examples) of
+  the group's channel count, that is the root layer's output channels. Channels coupled
+  through an ``add`` or a ``cat`` are counted once, in the group of the first root that
+  reaches them, as fxoto counts a coupled channel once.
+
+Both count channel units that can be slimmed; neither count says all of a layer's channels
+may go (fxoto keeps one per layer). Where fxoto counts fewer, the last column says why, from
+``SearchSpace.excluded``: the layers set aside, grouped by reason (the node names dropped),
+with their output channels, largest first. Totals at the end.
+
+    PYTHONPATH=. .venv/bin/python tools/channel_coverage.py [--models resnet18 vgg11_bn ...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import signal
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from torch import nn  # noqa: E402
+
+import fxoto  # noqa: E402
+from fxoto.shapes import SHAPE  # noqa: E402
+from tests.zoo_models import TORCHVISION, build, input_size  # noqa: E402
+
+_NAMED = re.compile(r"'[^']*' \(([^)]*)\)")  # "'add_3' (add)" -> "add"
+
+
+def fxoto_channels(model: nn.Module, x: torch.Tensor) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """Channel groups, their layers, and the set-aside layers: reason -> (layers, output channels)."""
+    space = fxoto.build_space(model, (x,), structures="channels")
+    groups = sum(g.kind == "channel" for g in space.groups)
+    nodes = {n.name: n for n in space.graph.nodes}
+    why: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for e in space.excluded:
+        reason = _NAMED.sub(r"\1", e.reason.removeprefix("channels: ")).split(": ")[0]
+        why[reason][0] += 1
+        why[reason][1] += _out_channels(nodes.get(e.nodes[0]), model)
+    return groups, len(space.layers), {r: (n, c) for r, (n, c) in why.items()}
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimedOut
+
+
+def _out_channels(node, model: nn.Module) -> int:
+    """A set-aside layer's output channels: a module's own count, else dim 1 of its output (0: unknown)."""
+    if node is None:
+        return 0
+    if node.op == "call_module":
+        m = model.get_submodule(node.target)
+        for attr in ("out_channels", "out_features", "num_features", "embed_dim"):
+            if isinstance(getattr(m, attr, None), int):
+                return getattr(m, attr)
+    shape = node.meta.get(SHAPE)
+    return shape[1] if isinstance(shape, torch.Size) and len(shape) > 1 else 0
+
+
+def torch_pruning_channels(model: nn.Module, x: torch.Tensor, timeout: int) -> tuple[int, int]:
+    """The channels in torch-pruning's pruning groups (sum of the roots' output channels), and the groups.
+
+    Given up after ``timeout`` seconds (``_TimedOut``): on Swin, torch-pruning's
+    ``get_all_groups`` ran for more than five minutes.
+    """
+    import torch_pruning as tp
+
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+        classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+        groups = list(graph.get_all_groups(ignored_layers=classifier))
+    finally:
+        signal.alarm(0)
+    return sum(len(g[0].idxs) for g in groups), len(groups)
+
+
+def why_fewer(why: dict[str, tuple[int, int]], limit: int = 3) -> str:
+    """The reasons, most channels first, the classifier (it reaches the output, as torch-pruning ignores it) left out."""
+    items = sorted(((c, n, r) for r, (n, c) in why.items() if r != "its channels reach the graph output"), reverse=True)
+    text = "; ".join(f"{r} ({n} layer{'s' if n > 1 else ''}, {c:,} ch)" for c, n, r in items[:limit])
+    return text + (f"; {len(items) - limit} more reasons" if len(items) > limit else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=TORCHVISION, help="torchvision model names (default: all 80)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--timeout", type=int, default=120,
+                        help="seconds allowed to torch-pruning per model (default 120)")
+    parser.add_argument("--tablefmt", default="github", help="tabulate's table format (default github)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    rows, totals, fewer, failed = [], [0, 0], 0, 0
+    for name in args.models:
+        start = time.perf_counter()
+        model = build(name)
+        size = input_size(name)
+        x = torch.randn(1, 3, size, size)
+        row = [name, size]
+        try:
+            ours, layers, why = fxoto_channels(model, x)
+        except Exception as exc:  # noqa: BLE001 (a row per model, whatever fails)
+            ours, layers, why = None, None, {f"fxoto failed: {type(exc).__name__}: {exc}"[:120]: (0, 0)}
+        try:
+            theirs, tp_groups = torch_pruning_channels(model, x, args.timeout)
+        except _TimedOut:
+            theirs, tp_groups = None, f"over {args.timeout} s"
+        except Exception as exc:  # noqa: BLE001
+            theirs, tp_groups = None, f"failed: {type(exc).__name__}: {exc}"[:60]
+        row += [ours, layers, theirs, tp_groups]
+        if ours is None or theirs is None:
+            failed += 1
+            row += ["-", why_fewer(why) if ours is None else ""]
+        else:
+            totals[0] += ours
+            totals[1] += theirs
+            fewer += ours < theirs
+            row += [f"{ours / theirs:.2f}" if theirs else "-", why_fewer(why) if ours < theirs else ""]
+        rows.append(row)
+        print(f"  {name}: fxoto {ours}, torch-pruning {theirs} ({time.perf_counter() - start:.1f} s)",
+              file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+
+    print(tabulate(rows, headers=["model", "input", "fxoto channel groups", "fxoto layers", "torch-pruning channels",
+                                  "tp groups", "fxoto / tp", "why fewer (fxoto's set-aside layers)"],
+                   tablefmt=args.tablefmt, intfmt=","))
+    compared = len(rows) - failed
+    print(f"\ntotal over {compared} models both counted: fxoto {totals[0]:,} channel groups, torch-pruning "
+          f"{totals[1]:,} channels ({totals[0] / max(totals[1], 1):.2f}); fxoto fewer on {fewer} of {compared}"
+          + (f"; {failed} models not counted by one of them" if failed else ""))
+
+
+if __name__ == "__main__":
+    main()
