@@ -22,6 +22,7 @@ from torch import nn
 import fxoto
 from fxoto import distributed
 from fxoto.errors import FxotoError
+from fxoto.search import STRUCTURES
 
 
 def load_model(spec: str, num_classes: int | None = None) -> tuple[nn.Module, torch.Tensor]:
@@ -79,7 +80,7 @@ def _search(args) -> int:
             model=model, example=example, data=args.data, data_root=args.data_root,
             download=args.download, K=_parse_k(args.K), epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, variant=args.variant, out=Path(args.out), resume=args.resume, seed=args.seed,
-            device=device, amp=args.amp,
+            device=device, amp=args.amp, structures=args.structures,
         )
     if result.report_data is not None:
         print(result.report)
@@ -109,6 +110,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler (default: none)")
 
 
+def _add_structures_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--structures", default="operations", choices=STRUCTURES,
+                        help=f"{what}: whole operations (GeZIGs), output channels, or both (default: operations)")
+
+
 def _parse_k(text: str) -> int | float:
     try:
         return float(text) if "." in text else int(text)
@@ -132,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a model's search space and draw its dependency graph")
     inspect.add_argument("model", help="zoo name, torchvision model name, or module.path:factory")
     inspect.add_argument("--out", default="out/inspect", help="folder for the graph picture")
-    inspect.add_argument("--structures", default="operations", choices=["operations", "channels", "both"],
-                         help="groups to show: whole operations (GeZIGs), output channels, or both")
+    _add_structures_option(inspect, "groups to show")
     inspect.set_defaults(func=_inspect)
 
     search = sub.add_parser("search", help="the full run: search space, H2SPG training, sub-network, report")
@@ -142,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--data-root", default=None, help="folder holding the torchvision dataset")
     search.add_argument("--download", action="store_true", help="download the dataset into --data-root")
     search.add_argument("--K", required=True, help="groups to remove: a count, or a fraction like 0.5")
+    _add_structures_option(search, "groups to search over")
     search.add_argument("--epochs", type=int, default=5)
     search.add_argument("--batch-size", type=int, default=64,
                         help="global batch size, split evenly among the processes under torchrun (default: 64)")

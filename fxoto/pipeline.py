@@ -84,10 +84,12 @@ def run(
     progress: bool = True,
     device: torch.device | str | None = None,
     amp: str | None = None,
+    structures: str = "operations",
 ) -> RunResult:
     """Search space, H2SPG training, sub-network, report, saved outputs.
 
-    ``device``: where to train (default: the CPU); ``amp``: ``"bf16"``, ``"fp16"`` or None.
+    ``device``: where to train (default: the CPU); ``amp``: ``"bf16"``, ``"fp16"`` or None;
+    ``structures``: the groups to search over, as in ``fxoto.search``.
     """
     torch.manual_seed(seed)  # the same initial values on every rank
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -102,7 +104,7 @@ def run(
                                world_size=world)
     val_loader = make_loader(val, 256, device=device)
 
-    search = fxoto.search(model, K, (example,))  # on the plain module, before DDP
+    search = fxoto.search(model, K, (example,), structures=structures)  # on the plain module, before DDP
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         viz.render(viz.to_dot(search.space), out / "graph_before")
@@ -151,7 +153,7 @@ def run_demo(out: Path, epochs: int | None = None, quick: bool = False, seed: in
 
 def run_search(*, model: nn.Module, example: torch.Tensor, data: str, data_root, download: bool, K, epochs: int,
                batch_size: int, lr, variant: str, out: Path, resume, seed: int, device=None,
-               amp: str | None = None) -> RunResult:
+               amp: str | None = None, structures: str = "operations") -> RunResult:
     train, val = get_dataset(data, data_root, download)
     return run(model, example, train, val, K=K, epochs=epochs, batch_size=batch_size, lr=lr,
-               variant=variant, out=out, resume=resume, seed=seed, device=device, amp=amp)
+               variant=variant, out=out, resume=resume, seed=seed, device=device, amp=amp, structures=structures)

@@ -18,17 +18,24 @@ class Report:
     erased: list[int]
     max_output_difference: float
     table: str
+    channel_groups_erased: int = 0  # of ``erased``: the channel groups (the rest are GeZIGs)
 
     def markdown(self) -> str:
         headers = list(self.rows[0])
         body = [[r[h] for h in headers] for r in self.rows]
+        if self.channel_groups_erased:
+            n = self.channel_groups_erased
+            erased = f"groups erased: {len(self.erased) - n} GeZIGs and {n} channel groups (ids in report.json)"
+        else:
+            erased = f"GeZIGs erased: {self.erased}"
         return (
             tabulate(body, headers=headers, tablefmt="github", floatfmt=".4g")
-            + f"\n\nGeZIGs erased: {self.erased}\n\nmax |super - sub| output difference: {self.max_output_difference:.3g}\n"
+            + f"\n\n{erased}\n\nmax |super - sub| output difference: {self.max_output_difference:.3g}\n"
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "erased": self.erased, "max_output_difference": self.max_output_difference}
+        return {"rows": self.rows, "erased": self.erased, "channel_groups_erased": self.channel_groups_erased,
+                "max_output_difference": self.max_output_difference}
 
 
 @torch.no_grad()
@@ -63,4 +70,5 @@ def search_report(search, example_inputs=None, val_loader=None) -> Report:
     for row, acc in zip(rows, (super_acc, sub_acc)):
         row["accuracy (%)"] = None if acc is None else round(100 * acc, 2)
     table = report_table(rows) + f"\nmax |super - sub| output difference: {diff:.3g}"
-    return Report(rows, erased, diff, table)
+    channels = sum(space.groups[i].kind == "channel" for i in erased)
+    return Report(rows, erased, diff, table, channels)

@@ -1,8 +1,52 @@
 """The command line: inspect, and one clear line for each error a user can cause."""
 
-import pytest
+import json
 
-from fxoto.cli import main
+import pytest
+import torch
+from torch import nn
+
+from fxoto.cli import build_parser, main
+
+
+def plain_chain():
+    """A chain with no joint, on 8x8 digits: nothing to remove as operations, 16 channels to slim."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    return model, torch.randn(1, 1, 8, 8)
+
+
+def test_inspect_and_search_take_the_same_structures():
+    for command in (["inspect", "m"], ["search", "m", "--K", "1"]):
+        assert build_parser().parse_args(command).structures == "operations"
+        for structures in ("operations", "channels", "both"):
+            assert build_parser().parse_args([*command, "--structures", structures]).structures == structures
+
+
+def test_inspect_channels_shows_each_layer_and_draws_its_note(tmp_path, capsys):
+    assert main(["inspect", "tests.test_cli:plain_chain", "--structures", "channels", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "8 channels, 7 can go" in out and "16 channel groups over 2 layers" in out
+    dot = next(tmp_path.glob("*_graph.dot")).read_text()
+    assert dot.count("7 of 8 ch can go") == 2
+
+
+def test_search_slims_channels_of_a_plain_chain(tmp_path, capsys):
+    argv = ["search", "tests.test_cli:plain_chain", "--K", "6", "--epochs", "1", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "structures='channels'" in capsys.readouterr().err  # a plain chain has no operation to remove
+    assert main([*argv, "--structures", "channels"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["erased"]) == report["channel_groups_erased"] == 6
+    assert report["max_output_difference"] < 1e-4
+    sub, full = (row["parameters"] for row in reversed(report["rows"]))
+    assert sub < full
+    assert "0 GeZIGs and 6 channel groups" in (tmp_path / "report.md").read_text()
+    assert "6 channel groups in" in (tmp_path / "graph_after.dot").read_text()
 
 
 def test_inspect_prints_groups_and_writes_the_graph(tmp_path, capsys):
