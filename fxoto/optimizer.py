@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fxoto.errors import DeviceError, KTooLargeError, NonFiniteGradientError
-from fxoto.space import SearchSpace, target_k
+from fxoto.space import SearchSpace, kind_counts, select_per_kind, target_k
 
 __all__ = [
     "H2SPG", "GroupStats", "ScoreFn", "dhspg_lambda", "half_space_project", "hybrid_lambda", "lambda_floor",
@@ -138,18 +138,21 @@ def reference_score(stats: GroupStats) -> Tensor:
 reference_score.on = "direction"
 
 
-def select_redundant(space: SearchSpace, scores: Tensor, K: int) -> list[int]:
+def select_redundant(space: SearchSpace, scores: Tensor, K: int, per_kind: dict[str, int] | None = None) -> list[int]:
     """Algorithm 3, line 8 (paper, Figure 2): the redundant group candidates G_r.
 
     The K GeZIGs most redundant by ``scores`` (ties by id) that form a valid removal
     (``SearchSpace.select_removal``): whenever ``target_k`` accepted K, K are found.
+    With ``per_kind`` (K given per kind, ``{"operation": 3, "channel": 120}``), that many
+    of each kind, each kind ranked by its own scores (``select_per_kind``).
     Returns their ids in the order they were accepted.
     """
-    order = sorted(range(len(space.groups)), key=lambda g: (-float(scores[g]), g))
-    chosen = space.select_removal(order, K)
+    values = scores.tolist()
+    order = sorted(range(len(space.groups)), key=lambda g: (-values[g], g))
+    chosen = space.select_removal(order, K) if per_kind is None else select_per_kind(space, order, per_kind)
     if len(chosen) < K:
         raise KTooLargeError(
-            f"H2SPG needs K={K} redundant GeZIGs but only {len(chosen)} ({chosen}) of the {len(order)} GeZIGs "
+            f"H2SPG needs K={K} redundant GeZIGs but only {len(chosen)} ({chosen[:8]}) of the {len(order)} GeZIGs "
             f"of {type(space.model).__name__} can be erased together while the output stays fed from the input. "
             f"Choose K <= {len(space.greedy_max_removal())}."
         )
@@ -221,27 +224,32 @@ class _Part(NamedTuple):
     start: int
     length: int
 
-    def of(self, t: Tensor) -> Tensor:
-        """The member's view into ``t``, a tensor shaped like the parameter (it, its gradient, its state)."""
-        return t if self.dim is None else t.narrow(self.dim, self.start, self.length)
-
 
 class _Plan(NamedTuple):
-    """The members of a set of groups, laid out for one step's reductions and updates.
+    """The parameters that hold the members of a set of groups, laid out for one step's
+    reductions and updates, so that a step loops over parameters, never over groups.
 
-    ``parts[m]`` is member m (groups in id order, members in order), ``gid[m]`` its group,
-    ``mask`` marks the plan's groups;
-    ``by_param`` maps a parameter's id to its members' indices; ``index[id(p)]`` picks, from
-    a per-member vector with a trailing 1, the coefficient of each of p's elements: an
-    int (p is one whole member) or a long tensor along dim 0 (slices; other rows get the 1).
+    A parameter is one whole member (``dims[i]`` None) or holds members along one dim,
+    its slices along that dim being its "rows"; a whole member is one row.  Reductions
+    are taken per row, the rows of ``params`` concatenated in order (parameter i's from
+    ``offsets[i]``; the ``whole`` whole members come first): ``row_group[r]`` is row r's
+    group (``n``, one past the last group, for a row outside the plan's groups) and
+    ``row_param[r]`` its parameter's position.  Per-group sums are one ``index_add_``
+    over the rows (``_group_sums``).  ``rows_in[i]``: the rows of sliced parameter i in
+    the plan's groups; ``mask`` marks the plan's groups, ``numel`` their sizes.
     """
 
-    parts: list[_Part]
+    name: str
+    params: list[Tensor]
+    dims: list[int | None]
+    offsets: list[int]
+    position: dict[int, int]
+    whole: int
+    row_group: Tensor
+    row_param: Tensor
+    rows_in: dict[int, Tensor]
     mask: Tensor
-    gid: Tensor
     numel: Tensor
-    by_param: dict[int, list[int]]
-    index: dict[int, int | Tensor]
 
 
 class _Direction(NamedTuple):
@@ -257,15 +265,15 @@ class _Direction(NamedTuple):
     probe: Tensor  # the first tensor to take the gradient (it, or the state it entered)
 
 
-def _member_products(dots: Tensor) -> Tensor:
-    """[M, 3] per member: ||x||^2, x.v and ||v||^2 for v = c num, from ``dots`` [M, 4]:
-    ||x||^2, x.num, ||num||^2 and c (step / lr: the direction is c times the step's numerator)."""
-    c = dots[:, 3]
-    return torch.stack([dots[:, 0], dots[:, 1] * c, dots[:, 2] * c * c], 1)
-
-
 def _flat(t: Tensor) -> Tensor:
     return t if t.dim() == 1 else t.reshape(-1)
+
+
+def _rows(t: Tensor, dim: int) -> Tensor:
+    """``t`` as [rows, -1], one row per slice along ``dim`` (a view when dim is 0)."""
+    if dim != 0:
+        t = t.movedim(dim, 0)
+    return t.reshape(t.shape[0], -1)
 
 
 def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
@@ -273,6 +281,35 @@ def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
     product of a tensor with itself reads it twice."""
     x, v = _flat(x), _flat(v)
     return [torch.linalg.vector_norm(x).square(), torch.dot(x, v), torch.linalg.vector_norm(v).square()]
+
+
+ROW_BLOCK = 1 << 20  # elements per block of rows in _row_norms: its temporary stays in the cache
+
+
+def _row_norms(x: Tensor, v: Tensor | None, dim: int) -> Tensor:
+    """[rows, 3]: ||x||, ||x + v||, ||v|| of each slice along ``dim`` (v None: ||x||, ||x||, 0),
+    for ``_polarize``.
+
+    Row norms are one read each, and x.v follows from them (polarization, as in
+    ``_foreach_dots``): torch's row-wise inner products multiply into a temporary and then
+    sum it, two to four times slower on the CPU.  Blocks of rows of at most ``ROW_BLOCK``
+    elements keep the temporary x + v small (a linear layer's weight can hold a hundred
+    million)."""
+    xr = _rows(x, dim)
+    if v is None:
+        xx = torch.linalg.vector_norm(xr, dim=1)
+        return torch.stack([xx, xx, torch.zeros_like(xx)], 1)
+    vr = _rows(v, dim)
+    step = max(1, ROW_BLOCK // max(1, xr.shape[1]))
+    blocks = [torch.stack([torch.linalg.vector_norm(t, dim=1) for t in (xb, xb + vb, vb)], 1)
+              for xb, vb in zip(xr.split(step), vr.split(step))]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _polarize(norms: Tensor) -> Tensor:
+    """[R, 3] ||x||^2, x.v, ||v||^2 from rows of ||x||, ||x + v||, ||v|| (``_row_norms``)."""
+    xx, ss, vv = norms.double().square().unbind(1)
+    return torch.stack([xx, (ss - xx - vv) / 2.0, vv], 1)
 
 
 def _foreach_dots(xs: list[Tensor], vs: list[Tensor]) -> Tensor:
@@ -292,7 +329,9 @@ class H2SPG(Optimizer):
 
     Args:
         space: the search space; its model's parameters are optimised.
-        K: target group sparsity: a count, or a float in (0, 1) as a fraction of the GeZIGs.
+        K: target group sparsity: a count, a float in (0, 1) as a fraction of the GeZIGs, or
+            a dict per kind of group (``{"operations": 3, "channels": 0.5}``: that many of
+            each kind, each ranked by its own scores).
         lr: learning rate (alpha_t; LR schedulers change it as usual).
         params: optional parameters or param-group dicts (per-group lr, weight_decay ...);
             by default ``space.model.parameters()``.  They must include every GeZIG variable.
@@ -321,7 +360,7 @@ class H2SPG(Optimizer):
     def __init__(
         self,
         space: SearchSpace,
-        K: int | float,
+        K: int | float | dict[str, int | float],
         lr: float,
         *,
         warmup_steps: int,
@@ -368,6 +407,7 @@ class H2SPG(Optimizer):
         self.space = space
         self.variant = variant
         self.K = target_k(K, space)  # the one K check, shared with fxoto.search
+        self.K_per_kind = kind_counts(K, space)  # None, or the count per kind of group
         self.warmup_steps = warmup_steps
         self.pruning_steps = pruning_steps
         self.lambda_rule = lambda_rule
@@ -404,7 +444,7 @@ class H2SPG(Optimizer):
         self._forced = torch.zeros(n, dtype=torch.bool, device=self.device)
         self._lambda = torch.zeros(n, **vec)
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first non-finite: step, param
-        self._all = self._plan(range(n))
+        self._all = self._plan(range(n), "all")
         self._hot: _Plan | None = None
         self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
@@ -497,10 +537,12 @@ class H2SPG(Optimizer):
         from the device once (and checks for non-finite gradients)."""
         self.check_finite()
         n = len(self.space.groups)
-        xs = [_flat(part.of(part.param)) for part in self._all.parts]
-        sq = torch.zeros(n, dtype=torch.float64, device=self.device)
-        if xs:
-            sq.index_add_(0, self._all.gid, torch.stack(torch._foreach_norm(xs)).double().square())
+        plan = self._all
+        whole = plan.params[:plan.whole]
+        blocks = [torch.stack(torch._foreach_norm(whole)).double().square()] if whole else []
+        blocks += [torch.linalg.vector_norm(_rows(p, dim), dim=1).double().square()
+                   for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
+        sq = self._group_sums(plan, torch.cat(blocks)[:, None] if blocks else self._scores[:0, None])[:, 0]
         red = self._hot.mask if self._hot is not None else torch.zeros(n, dtype=torch.bool, device=self.device)
         zero = self._exact_zero()
         values = torch.stack([zero.sum().double(), torch.where(red, 0.0, sq).sum().sqrt(),
@@ -520,13 +562,12 @@ class H2SPG(Optimizer):
 
     def _exact_zero(self) -> Tensor:
         """Which groups are exactly zero now (every member, on the device)."""
-        n = len(self.space.groups)
-        nonzero = torch.zeros(n, dtype=torch.float64, device=self.device)
-        parts = self._all.parts
-        if parts:
-            counts = torch.stack([part.of(part.param).count_nonzero() for part in parts]).double()
-            nonzero.index_add_(0, self._all.gid, counts)
-        return nonzero == 0
+        plan = self._all
+        whole = plan.params[:plan.whole]
+        blocks = [torch.stack([p.count_nonzero() for p in whole])] if whole else []
+        blocks += [_rows(p, dim).count_nonzero(1) for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
+        counts = torch.cat(blocks).double()[:, None] if blocks else self._scores[:0, None]
+        return self._group_sums(plan, counts)[:, 0] == 0
 
     # -- the step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -574,59 +615,66 @@ class H2SPG(Optimizer):
         plan = self._all
         if self.foreach:
             dirs = self._multi_tensor_directions(work)
-            dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=on_direction)
+            rows = self._multi_tensor_rows(plan, work, dirs, use_direction=on_direction)
             self._multi_tensor_probes(plan, work, dirs)
             self._multi_tensor_plain_steps(work, dirs, skip=set())
         else:
-            dots, _ = self._single_tensor_pass(work, plan, use_direction=on_direction, hold=False)
-        self._accumulate(self._score(plan, dots))
+            rows, _ = self._single_tensor_pass(work, plan, use_direction=on_direction, hold=False)
+        self._accumulate(self._score(plan, rows))
 
     def _hybrid_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """Lines 11-16: plain steps outside G_r; inside it, x <- keep (a x - lr d) with lambda_g
         and the projection test computed from this step's inner products."""
         plan = self._hot
         if self.foreach:
-            dirs = self._multi_tensor_directions(work, materialize=plan.by_param)
-            dots = self._multi_tensor_member_dots(plan, work, dirs, use_direction=True)
+            dirs = self._multi_tensor_directions(work, materialize=plan.position)
+            rows = self._multi_tensor_rows(plan, work, dirs, use_direction=True)
             self._multi_tensor_probes(plan, work, dirs)
-            self._multi_tensor_plain_steps(work, dirs, skip=plan.by_param)
-            held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
+            self._multi_tensor_plain_steps(work, dirs, skip=plan.position)
+            held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.position]
         else:
-            dots, held = self._single_tensor_pass(work, plan, use_direction=True, hold=True)
-        a, b = self._hybrid_coefficients(plan, dots)
+            rows, held = self._single_tensor_pass(work, plan, use_direction=True, hold=True)
+        a, b = self._hybrid_coefficients(plan, rows)
         moved = {id(p) for p, _ in held}
-        still = [plan.parts[ms[0]].param for key, ms in plan.by_param.items() if key not in moved]
+        still = [p for p in plan.params if id(p) not in moved]
         _scaled_steps(held + [(p, None) for p in still], a, b, plan)  # no gradient: the lasso term alone
 
     def _single_tensor_pass(self, work, plan: _Plan, use_direction: bool,
                             hold: bool) -> tuple[Tensor, list[tuple[Tensor, _Direction]]]:
         """One pass over the parameters, each while it is in the CPU's cache: its state advanced,
-        its members' inner products with v (the gradient, or with ``use_direction`` the step
+        its rows' inner products with v (the gradient, or with ``use_direction`` the step
         direction) gathered, its gradient checked, and its plain step taken, except, with
         ``hold``, for the plan's parameters: their directions are returned for the scaled step.
-        The plan's parameters are checked for a non-finite gradient (``_check_probes``): one
-        that is one whole member through x.v, already computed, any other through a sum of the
-        tensor that took the gradient."""
-        dots_of: dict[int, list] = {}
+        The plan's parameters are checked for a non-finite gradient (``_check_probes``) through
+        x.v, already computed."""
+        found: dict[int, Tensor | list[Tensor]] = {}
+        cs = [1.0] * len(plan.params)
         held: list[tuple[Tensor, _Direction]] = []
         probed, probes = [], []
         for p, grad, group in work:
-            members = plan.by_param.get(id(p))
-            d = self._direction(p, grad, group, materialize=members is not None and (hold or use_direction))
-            if members is not None:
-                scale = self._direction_scale(d) if use_direction else 1.0
-                for m in members:
-                    part = plan.parts[m]
-                    dots_of[m] = _dots(part.of(p), part.of(d.num if use_direction else grad)) + [scale]
-                whole = plan.parts[members[0]].dim is None
+            i = plan.position.get(id(p))
+            d = self._direction(p, grad, group, materialize=i is not None and (hold or use_direction))
+            if i is not None:
+                v = d.num if use_direction else grad
+                if use_direction:
+                    cs[i] = self._direction_scale(d)
+                if plan.dims[i] is None:
+                    found[i] = three = _dots(p, v)
+                    probes.append(three[1])
+                else:
+                    found[i] = rows = _row_norms(p, v, plan.dims[i])
+                    probes.append(rows[:, 1].sum())
                 probed.append(p)
-                probes.append(dots_of[members[0]][1] if whole else d.probe.sum())
                 if hold:
                     held.append((p, d))
                     continue
             _plain_step(p, d)
         self._check_probes(probed, probes)
-        return self._single_tensor_member_dots(plan, dots_of), held
+        whole = torch.stack([torch.stack(found[i]) if i in found else self._no_gradient(plan, i)
+                             for i in range(plan.whole)]) if plan.whole else None
+        norms = [found[i] if i in found else _row_norms(plan.params[i], None, plan.dims[i])
+                 for i in range(plan.whole, len(plan.params))]
+        return self._products(plan, whole, norms, cs), held
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
@@ -640,52 +688,47 @@ class H2SPG(Optimizer):
 
     # -- the rules applied to a step's inner products (shared by both paths) ------------------
 
-    def _hybrid_coefficients(self, plan: _Plan, dots: Tensor) -> tuple[Tensor, Tensor]:
-        """Lines 13-15 for every hot group, on the device.  ``dots`` is [M, 4] per member:
-        ||x||^2, x.num, ||num||^2 and c = step / lr (so d = c num).  Returns per-member
-        vectors (with a trailing 1 for elements outside the plan) of a = keep (1 - lr_m
-        lambda_g / ||x_g||) and b = keep: the step is then x <- a x - step b num."""
+    def _hybrid_coefficients(self, plan: _Plan, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Lines 13-15 for every hot group, on the device.  ``rows`` is [R, 3] per row of the
+        plan (``_products``): ||x||^2, x.d, ||d||^2.  Returns per-row vectors of a = keep (1 -
+        lr lambda_g / ||x_g||) and b = keep (1 for rows outside the plan's groups): the step
+        is then x <- a x - step b num."""
         n = len(self.space.groups)
-        lr = self._member_lr(plan)
-        x_sq, x_d, d_sq = _member_products(dots).unbind(1)
-        sums = torch.zeros(n, 5, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, plan.gid, torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1))
-        xx, xd, dd, lr_xx, lr_xd = sums.unbind(1)
+        lr = self._param_lr(plan)[plan.row_param]
+        x_sq, x_d, d_sq = rows.unbind(1)
+        xx, xd, dd, lr_xx, lr_xd = self._group_sums(plan, torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1)).unbind(1)
         norm = xx.sqrt()
-        lr_g = torch.zeros(n, dtype=torch.float64, device=self.device).scatter_reduce_(0, plan.gid, lr, "amax")
+        lr_g = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
+        lr_g = lr_g.scatter_reduce_(0, plan.row_group, lr, "amax")[:n]
         steps_left = self.warmup_steps + self.pruning_steps - self._step
         lam = hybrid_lambda(self.lambda_rule, norm, xd, dd, lr_g, steps_left, self.lambda0, self.lambda_amplify,
                             self.hat_lambda_coef)
         scale = torch.where(norm > 0, lam / norm.clamp_min(1e-300), 0.0)
-        # x~.x = sum over members of (1 - lr_m lambda_g / ||x_g||) ||x_m||^2 - lr_m x_m.d_m
+        # x~.x = sum over rows of (1 - lr_r lambda_g / ||x_g||) ||x_r||^2 - lr_r x_r.d_r
         new_dot_old = xx - scale * lr_xx - lr_xd
         hot = plan.mask
         newly = hot & ~self._zero & half_space_project(new_dot_old, xx, self.epsilon)
         self._zeroed_at.masked_fill_(newly, self._step)
         self._zero |= newly
         self._lambda = torch.where(hot & ~self._zero, lam, 0.0)
-        keep = (~self._zero).double()[plan.gid]
         one = torch.ones(1, dtype=torch.float64, device=self.device)
-        a = torch.cat([keep * (1.0 - lr * scale[plan.gid]), one])
-        b = torch.cat([keep, one])
-        return a, b
+        keep = torch.cat([(~self._zero).double(), one])[plan.row_group]
+        factor = torch.cat([scale, one - 1.0])[plan.row_group]
+        return keep * (1.0 - lr * factor), keep
 
-    def _score(self, plan: _Plan, dots: Tensor) -> Tensor:
-        """Line 6 from the members' inner products: the score function on the group sums."""
-        sums = torch.zeros(len(self.space.groups), 3, dtype=torch.float64, device=self.device)
-        xx, xv, vv = sums.index_add_(0, plan.gid, _member_products(dots)).unbind(1)
+    def _score(self, plan: _Plan, rows: Tensor) -> Tensor:
+        """Line 6 from the rows' inner products: the score function on the group sums."""
+        xx, xv, vv = self._group_sums(plan, rows).unbind(1)
         s = torch.as_tensor(self.score_fn(GroupStats(xx, xv, vv, plan.numel)))
         return s.to(self.device, torch.float64).reshape(-1)
 
     def _score_now(self) -> Tensor:
         """Scores on the gradients as they are, without a step (``warmup_steps=0``)."""
         plan = self._all
-        xs = [part.of(part.param) for part in plan.parts]
-        gs = [part.of(part.param.grad) if part.param.grad is not None else torch.zeros_like(x)
-              for part, x in zip(plan.parts, xs)]
-        dots = torch.stack([torch.stack(_dots(x, g)) for x, g in zip(xs, gs)]).double() if xs else \
-            torch.zeros(0, 3, dtype=torch.float64, device=self.device)
-        return self._score(plan, torch.cat([dots, torch.ones_like(dots[:, :1])], 1))
+        whole = torch.stack([torch.stack(_dots(p, p.grad)) if p.grad is not None else self._no_gradient(plan, i)
+                             for i, p in enumerate(plan.params[:plan.whole])]) if plan.whole else None
+        norms = [_row_norms(p, p.grad, dim) for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
+        return self._score(plan, self._products(plan, whole, norms, [1.0] * len(plan.params)))
 
     def _accumulate(self, s: Tensor) -> None:
         """Algorithm 3, line 7: s_g <- omega s_g + (1 - omega) s_{t,g}."""
@@ -705,8 +748,9 @@ class H2SPG(Optimizer):
             dist.broadcast_object_list(box, src=0)
             scores = box[0]
             self._scores = torch.tensor(scores, dtype=torch.float64, device=self.device)
-        self._redundant = select_redundant(self.space, torch.tensor(scores, dtype=torch.float64), self.K)
-        self._hot = self._plan(sorted(self._redundant))
+        self._redundant = select_redundant(self.space, torch.tensor(scores, dtype=torch.float64), self.K,
+                                           self.K_per_kind)
+        self._hot = self._plan(self._redundant, "hot")
         if self.pruning_steps == 0:
             self._force()
 
@@ -724,53 +768,79 @@ class H2SPG(Optimizer):
         self._lambda.zero_()
 
     def _pinned_whole(self) -> set[int]:
-        return {id(part.param) for part in self._hot.parts if part.dim is None}
+        return {id(p) for p in self._hot.params[:self._hot.whole]}
 
     @torch.no_grad()
     def _rezero(self, plan: _Plan, whole: bool) -> None:
         """Set the redundant members and their optimizer state (momentum, Adam moments) to
         zero: the sliced members (whose parameter steps as a whole), and the whole ones too
         when ``whole``."""
-        for part in plan.parts:
-            if part.dim is None and not whole:
+        for i, p in enumerate(plan.params):
+            dim = plan.dims[i]
+            if dim is None and not whole:
                 continue
-            for t in [part.param, *(v for v in self.state.get(part.param, {}).values()
-                                    if isinstance(v, Tensor) and v.shape == part.param.shape)]:
-                part.of(t).zero_()
+            for t in [p, *(v for v in self.state.get(p, {}).values() if isinstance(v, Tensor) and v.shape == p.shape)]:
+                if dim is None:
+                    t.zero_()
+                else:
+                    t.index_fill_(dim, plan.rows_in[i], 0)
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _plan(self, groups: Iterable[int]) -> _Plan:
-        parts, gid, by_param = [], [], {}
-        groups = list(groups)
+    def _plan(self, groups: Iterable[int], name: str) -> _Plan:
+        """Lay out the members of ``groups`` by parameter (see ``_Plan``)."""
+        n = len(self.space.groups)
+        groups = sorted(set(groups))
+        whole: dict[int, tuple[Tensor, int]] = {}
+        sliced: dict[int, tuple[Tensor, int, list[int]]] = {}
         for g in groups:
             for part in self._parts[g]:
-                by_param.setdefault(id(part.param), []).append(len(parts))
-                parts.append(part)
-                gid.append(g)
-        n = len(self.space.groups)
+                key = id(part.param)
+                if part.dim is None:
+                    whole[key] = (part.param, g)
+                    continue
+                p, dim, rows = sliced.setdefault(key, (part.param, part.dim, [n] * part.param.shape[part.dim]))
+                if dim != part.dim:
+                    raise ValueError(f"parameter '{self._names.get(key, '?')}' holds GeZIG members along dims {dim} "
+                                     f"and {part.dim}: H2SPG slices a parameter along one dim")
+                rows[part.start:part.start + part.length] = [g] * part.length
+        both = whole.keys() & sliced.keys()
+        if both:
+            raise ValueError(f"parameter '{self._names.get(both.pop(), '?')}' is a whole GeZIG member and holds "
+                             f"slices of other GeZIGs: the groups must be disjoint")
+        params = [p for p, _ in whole.values()] + [p for p, _, _ in sliced.values()]
+        row_group = [g for _, g in whole.values()]
+        offsets = list(range(len(whole)))
+        counts = [1] * len(whole)
+        rows_in = {}
+        for i, (_, _, rows) in enumerate(sliced.values(), start=len(whole)):
+            offsets.append(len(row_group))
+            counts.append(len(rows))
+            row_group += rows
+            rows_in[i] = torch.tensor([r for r, g in enumerate(rows) if g != n], dtype=torch.long).to(self.device)
         sizes = torch.zeros(n, dtype=torch.float64)
+        mask = torch.zeros(n, dtype=torch.bool)
         for g in groups:
             sizes[g] = float(self.space.groups[g].numel)
-        index: dict[int, int | Tensor] = {}
-        for key, ms in by_param.items():
-            first = parts[ms[0]]
-            if first.dim is None:
-                index[key] = ms[0]
-            else:
-                rows = torch.full((first.param.shape[first.dim],), len(parts), dtype=torch.long)
-                for m in ms:
-                    rows[parts[m].start:parts[m].start + parts[m].length] = m
-                index[key] = rows.to(self.device)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[groups] = True
-        return _Plan(parts, mask.to(self.device), torch.tensor(gid, dtype=torch.long, device=self.device),
-                     sizes.to(self.device), by_param, index)
+            mask[g] = True
+        return _Plan(
+            name, params, [None] * len(whole) + [dim for _, dim, _ in sliced.values()], offsets,
+            {id(p): i for i, p in enumerate(params)}, len(whole),
+            torch.tensor(row_group, dtype=torch.long).to(self.device),
+            torch.repeat_interleave(torch.arange(len(params)), torch.tensor(counts, dtype=torch.long)).to(self.device),
+            rows_in, mask.to(self.device), sizes.to(self.device),
+        )
 
-    def _member_lr(self, plan: _Plan) -> Tensor:
-        """Each member's learning rate now (schedulers change it), as a device vector."""
+    def _group_sums(self, plan: _Plan, values: Tensor) -> Tensor:
+        """[n, k]: the rows' ``values`` [R, k] summed per group (rows outside the plan's
+        groups dropped)."""
+        sums = torch.zeros(len(self.space.groups) + 1, values.shape[1], dtype=torch.float64, device=self.device)
+        return sums.index_add_(0, plan.row_group, values.double())[:-1]
+
+    def _param_lr(self, plan: _Plan) -> Tensor:
+        """Each plan parameter's learning rate now (schedulers change it), as a device vector."""
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        return self._on_device("lr", [group_of[id(part.param)]["lr"] for part in plan.parts])
+        return self._on_device(f"lr/{plan.name}", [group_of[id(p)]["lr"] for p in plan.params])
 
     def _on_device(self, key: str, values: list[float]) -> Tensor:
         """Host values as a float64 vector on the device, copied only when they change (a
@@ -785,42 +855,44 @@ class H2SPG(Optimizer):
             self._copies[key] = cached = (values, host.to(self.device, non_blocking=True))
         return cached[1]
 
-    def _single_tensor_member_dots(self, plan: _Plan, dots_of: dict[int, list]) -> Tensor:
-        """[M, 4] from the loop's per-member inner products (a member without gradient: its
-        ||x||^2 only, measured now)."""
-        rows = []
-        for m, part in enumerate(plan.parts):
-            got = dots_of.get(m)
-            if got is None:
-                x = _flat(part.of(part.param))
-                zero = x.new_zeros(())
-                got = [torch.dot(x, x), zero, zero, 1.0]
-            *three, c = got
-            rows.append(torch.stack(three))
-        if not rows:
-            return torch.zeros(0, 4, dtype=torch.float64, device=self.device)
-        cs = self._on_device("c", [dots_of[m][3] if m in dots_of else 1.0 for m in range(len(plan.parts))])
-        return torch.cat([torch.stack(rows).double(), cs[:, None]], 1)
+    @staticmethod
+    def _no_gradient(plan: _Plan, i: int) -> Tensor:
+        """||x||^2, 0, 0 for whole member i without a gradient this step."""
+        x = _flat(plan.params[i])
+        zero = x.new_zeros(())
+        return torch.stack([torch.dot(x, x), zero, zero])
 
-    def _multi_tensor_member_dots(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
-        """[M, 4] with multi-tensor norms (``_foreach_dots``)."""
-        if not plan.parts:
-            return torch.zeros(0, 4, dtype=torch.float64, device=self.device)
+    def _products(self, plan: _Plan, whole: Tensor | None, norms: list[Tensor], cs: list[float]) -> Tensor:
+        """[R, 3] per row of the plan: ||x||^2, x.v, ||v||^2 for v = c num, from the whole
+        members' ||x||^2, x.num, ||num||^2 ([W, 3]), the sliced parameters' row norms
+        (``_row_norms``) and each parameter's c (step / lr: the direction is c times the
+        step's numerator)."""
+        blocks = ([whole.double()] if whole is not None else []) + ([_polarize(torch.cat(norms))] if norms else [])
+        if not blocks:
+            return torch.zeros(0, 3, dtype=torch.float64, device=self.device)
+        rows = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        c = self._on_device(f"c/{plan.name}", cs)[plan.row_param]
+        return rows * torch.stack([torch.ones_like(c), c, c * c], 1)
+
+    def _multi_tensor_rows(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
+        """``_products`` with multi-tensor norms for the whole members (``_foreach_dots``)."""
         of = {id(p): (grad, d) for (p, grad, _), d in zip(work, dirs)}
-        xs, vs, cs = [], [], []
-        for part in plan.parts:
-            grad, d = of.get(id(part.param), (None, None))
-            x = part.of(part.param)
+        xs, vs, cs, norms = [], [], [], []
+        for i, p in enumerate(plan.params):
+            grad, d = of.get(id(p), (None, None))
             if d is None:
-                v, c = torch.zeros_like(x), 1.0
+                v, c = None, 1.0
             elif use_direction:
-                v, c = part.of(d.num), self._direction_scale(d)
+                v, c = d.num, self._direction_scale(d)
             else:
-                v, c = part.of(grad), 1.0
-            xs.append(_flat(x))
-            vs.append(_flat(v))
+                v, c = grad, 1.0
             cs.append(c)
-        return torch.cat([_foreach_dots(xs, vs), self._on_device("c", cs)[:, None]], 1)
+            if i < plan.whole:
+                xs.append(_flat(p))
+                vs.append(_flat(v) if v is not None else torch.zeros_like(xs[-1]))
+            else:
+                norms.append(_row_norms(p, v, plan.dims[i]))
+        return self._products(plan, _foreach_dots(xs, vs) if xs else None, norms, cs)
 
     def _count(self, p: Tensor) -> int:
         """Advance p's Adam step count and return it.  The state keeps it as torch.optim's Adam
@@ -859,7 +931,7 @@ class H2SPG(Optimizer):
 
     def _multi_tensor_probes(self, plan: _Plan, work, dirs: list[_Direction]) -> None:
         """``_check_probes`` for the plan's parameters, their probes' norms in one call."""
-        chosen = [(p, d.probe) for (p, _, _), d in zip(work, dirs) if id(p) in plan.by_param]
+        chosen = [(p, d.probe) for (p, _, _), d in zip(work, dirs) if id(p) in plan.position]
         if chosen:
             self._check_probes([p for p, _ in chosen], list(torch._foreach_norm([t for _, t in chosen])))
 
@@ -997,6 +1069,7 @@ class H2SPG(Optimizer):
             "groups": len(self._parts),
             "variant": self.variant,
             "K": self.K,
+            "K_per_kind": self.K_per_kind,
             "warmup_steps": self.warmup_steps,
             "pruning_steps": self.pruning_steps,
             "lambda_rule": self.lambda_rule,
@@ -1029,8 +1102,9 @@ class H2SPG(Optimizer):
             )
         super().load_state_dict(state_dict)
         self._locate()
-        self._all = self._plan(range(len(self._parts)))
+        self._all = self._plan(range(len(self._parts)), "all")
         self._copies = {}
+        self.K_per_kind = h.get("K_per_kind")
         for key in ("K", "warmup_steps", "pruning_steps", "lambda_rule", "omega", "epsilon", "lambda0",
                     "lambda_amplify", "hat_lambda_coef"):
             setattr(self, key, h[key])
@@ -1040,7 +1114,7 @@ class H2SPG(Optimizer):
         self._zero = h["zero"].to(self.device).clone()
         self._zeroed_at = h["zeroed_at"].to(self.device).clone()
         self._forced = h["forced"].to(self.device).clone()
-        self._hot = None if self._redundant is None else self._plan(sorted(self._redundant))
+        self._hot = None if self._redundant is None else self._plan(self._redundant, "hot")
         self._lambda = torch.zeros_like(self._scores)
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
         self._position_cache = None
@@ -1059,9 +1133,8 @@ def _plain_step(p: Tensor, d: _Direction) -> None:
 
 def _scaled_steps(held: list[tuple[Tensor, _Direction | None]], a: Tensor, b: Tensor, plan: _Plan) -> None:
     """x <- a x - step b num for each parameter holding members (x <- a x where it has no
-    gradient, direction None): ``a``, ``b`` are per-member vectors with a trailing 1, and
-    ``plan.index`` picks each element's entry, broadcast along the member's dimension.
-    Multi-tensor calls (a loop in C++ where the shapes differ)."""
+    gradient, direction None): ``a``, ``b`` are per-row vectors (``_Plan``), a parameter's
+    rows broadcast along its dim.  Multi-tensor calls (a loop in C++ where the shapes differ)."""
     if not held:
         return
     cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
@@ -1070,12 +1143,14 @@ def _scaled_steps(held: list[tuple[Tensor, _Direction | None]], a: Tensor, b: Te
         if p.dtype not in cast:
             cast[p.dtype] = (a.to(p.dtype), b.to(p.dtype))
         ai, bi = cast[p.dtype]
-        index = plan.index[id(p)]
-        if isinstance(index, int):
-            ai, bi = ai[index], bi[index]
+        i = plan.position[id(p)]
+        dim, start = plan.dims[i], plan.offsets[i]
+        if dim is None:
+            ai, bi = ai[start], bi[start]
         else:
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            ai, bi = ai[index].view(shape), bi[index].view(shape)
+            shape = [1] * p.dim()
+            shape[dim] = p.shape[dim]
+            ai, bi = ai[start:start + shape[dim]].view(shape), bi[start:start + shape[dim]].view(shape)
         ps.append(p)
         scales.append(ai)
         if d is not None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
-from fxoto.errors import InvalidRemovalError, NoSearchSpaceError
+from fxoto.errors import InvalidRemovalError, KTooLargeError, NoSearchSpaceError
 from fxoto.optimizer import H2SPG
 from strategies import supernets, valid_removals
 from util import randomize_
@@ -301,8 +301,10 @@ def test_k_per_kind():
         fxoto.search(vgg(), {"operations": 1}, X, structures="channels")
     with pytest.raises(ValueError, match="kinds"):
         fxoto.space.resolve_k({"channel": 1}, space)
-    with pytest.raises(ValueError, match="one kind"):
-        fxoto.search(Residual(), {"channels": 2}, X, structures="both")
+    both = fxoto.search(Residual(), {"operations": 1, "channels": 2}, X, structures="both")
+    assert both.K == 3
+    with pytest.raises(KTooLargeError, match="channel groups"):
+        fxoto.search(vgg(), {"channels": 32}, X, structures="channels")  # every layer keeps a channel
     with pytest.raises(ValueError, match="structures"):
         fxoto.build_space(vgg(), X, structures="layers")
 
@@ -405,6 +407,27 @@ def test_a_per_channel_module_used_twice_is_set_aside():
     space = fxoto.build_space(SharedPReLU(), X, structures="channels")
     reasons = {e.nodes[0]: e.reason for e in space.excluded}
     assert space.groups == [] and "shared variables: parameter 'act.weight'" in reasons["a"]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_h2spg_delivers_k_per_kind(foreach):
+    """K per kind: that many groups of each kind go to zero, and the sub-network is exact."""
+    torch.manual_seed(0)
+    model = Residual()
+    s = fxoto.search(model, {"operations": 1, "channels": 3}, X, structures="both")
+    opt = H2SPG(s.space, {"operations": 1, "channels": 3}, 0.05, warmup_steps=2, pruning_steps=4, foreach=foreach)
+    g = train_eight_steps(model, opt)
+    kinds = [s.space.groups[i].kind for i in opt.redundant]
+    assert sorted(kinds) == ["channel"] * 3 + ["operation"]
+    assert sorted(opt.redundant) == s.space.zero_groups()
+    resumed = H2SPG(s.space, 1, 0.05, warmup_steps=2, pruning_steps=4, foreach=foreach)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.K_per_kind == {"operation": 1, "channel": 3}
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(s.subnet()(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
 
 
 def test_h2spg_over_both_kinds():

@@ -687,6 +687,40 @@ def test_multi_tensor_step_equals_single_tensor_step_on_random_supernets(net, da
             assert torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
+def demo_both(seed: int = 0):
+    """DemoSupNet's operations and the channels of its layers outside them (5 + 11 groups)."""
+    torch.manual_seed(seed)
+    model = DemoSupNet(stem_width=6, branch_width=4, mid_width=5, add_width=7)
+    return model, fxoto.build_space(model, (torch.randn(1, 1, 28, 28),), structures="both")
+
+
+@pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
+def test_channel_groups_both_paths_agree_and_read_nothing(variant):
+    # Channel groups are rows of a parameter: their sums are taken per row and added per group
+    # on the device, on both paths; the sliced parameters' other rows take the plain step.
+    x, y = batches(1)[0]
+    K = {"operations": 2, "channels": 5}
+    (m1, o1, s1), (m2, o2, s2) = run_both_paths(demo_both, x, lambda out: F.cross_entropy(out, y), variant, K, 10,
+                                                resume_at=4)
+    assert o1.redundant == o2.redundant and o1.zeroed_at == o2.zeroed_at
+    assert sorted(s1.groups[g].kind for g in o1.redundant) == ["channel"] * 5 + ["operation"] * 2
+    assert s1.zero_groups() == s2.zero_groups() == sorted(o1.redundant)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    for foreach in (False, True):  # steady steps of every phase read nothing, as with operations alone
+        model, space = demo_both()
+        opt = H2SPG(space, K, 0.05, variant=variant, warmup_steps=2, pruning_steps=3, foreach=foreach)
+        reads = []
+        for xb, yb in batches(7):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            with HostReads() as counter:
+                opt.step()
+            reads.append(counter.count)
+        assert reads[0] == 0 and reads[1] > 0 and reads[2:] == [0] * 5, reads
+        assert space.zero_groups() == sorted(opt.redundant)
+
+
 # -- on a GPU (CI has none: these run where CUDA is; each has a CPU twin above) ---------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU twins run everywhere")
