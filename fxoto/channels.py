@@ -42,6 +42,8 @@ moves per row only.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -52,7 +54,7 @@ from torch import nn
 from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
 from fxoto.segments import LIVE, RULE, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data, own_parameters, users
 from fxoto.shapes import SHAPE, submodule
-from fxoto.space import Exclusion, GeZIG, Member, _numel
+from fxoto.space import Exclusion, GeZIG, Member
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
@@ -404,42 +406,48 @@ def _channels(walk: _Walk):
         if spaces.find(s) == s:
             base[s] = slots.add(width[s])
 
-    def slot(node: fx.Node, c: int) -> int:
-        return base[walk.root_of(node)] + c
+    def first(node: fx.Node) -> int:
+        return base[walk.root_of(node)]
 
+    find, union = slots.find, slots.union
     for cat, inputs in walk.cats:
+        out = first(cat)
         for x, off in inputs:
+            at = first(x)
             for c in range(x.meta[SHAPE][walk.dim[x]]):
-                slots.union(slot(x, c), slot(cat, off + c))
+                union(at + c, out + off + c)
     for conv, x, groups in walk.grouped:
+        at, out = first(x), first(conv)
         ki, ko = x.meta[SHAPE][1] // groups, conv.meta[SHAPE][1] // groups
         for j in range(groups):
-            first = slot(x, j * ki)
             for c in range(j * ki + 1, (j + 1) * ki):
-                slots.union(first, slot(x, c))
+                union(at + j * ki, at + c)
             for c in range(j * ko, (j + 1) * ko):
-                slots.union(first, slot(conv, c))
+                union(at + j * ki, out + c)
     for norm, size in walk.tied:
+        at = first(norm)
         for c in range(walk.width[walk.root_of(norm)]):
-            slots.union(slot(norm, c - c % size), slot(norm, c))
+            union(at + c - c % size, at + c)
     tainted: dict[int, str] = {}
     for s, b in base.items():
         if why[s] is not None:
             for c in range(width[s]):
-                tainted.setdefault(slots.find(b + c), why[s])
+                tainted.setdefault(find(b + c), why[s])
     rows: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
     entries: dict[int, list[tuple[fx.Node, int, bool]]] = defaultdict(list)
     columns: dict[int, list[tuple[fx.Node, int, int]]] = defaultdict(list)
     for stem in walk.stems:
+        at = first(stem)
         for c in range(width[walk.root_of(stem)]):
-            rows[slots.find(slot(stem, c))].append((stem, c))
+            rows[find(at + c)].append((stem, c))
     for holder, member in walk.holders:
+        at = first(holder)
         for c in range(width[walk.root_of(holder)]):
-            entries[slots.find(slot(holder, c))].append((holder, c, member))
+            entries[find(at + c)].append((holder, c, member))
     for reader, x in walk.readers:
-        block = walk.block[x]
+        at, block = first(x), walk.block[x]
         for c in range(width[walk.root_of(x)]):
-            columns[slots.find(slot(x, c))].append((reader, c * block, block))
+            columns[find(at + c)].append((reader, c * block, block))
     return rows, entries, columns, tainted
 
 
@@ -453,12 +461,33 @@ def find_channel_groups(
     Returns the groups, the stems set aside (one ``Exclusion`` each, with the
     reason), the stems whose channels lie in groups, and what each group slices.
     """
+    with _collector_paused():
+        return _find(graph, root, first_id, taken)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector: the passes make hundreds of thousands of small
+    tuples (resnet50: 26,000 channels), and each collection would walk the traced graph and its
+    metadata again (twice the build time).  Nothing made here forms a cycle that must go early."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
     walk = _Walk(graph, root, taken)
     rows, entries, columns, tainted = _channels(walk)
     order = {n: i for i, n in enumerate(graph.nodes)}
+    # Per node whose entries are members: (parameter name, elements per channel) of its variables.
+    per_row = {node: [(name, p.numel() // p.shape[0]) for name, p in own_parameters(node, root)]
+               for node in [*walk.stems, *(h for h, member in walk.holders if member)]}
     groups: list[GeZIG] = []
     slices: dict[int, ChannelSlice] = {}
-    params: dict[str, nn.Parameter] = {}
     lost: dict[fx.Node, list[str]] = defaultdict(list)
     kept: dict[fx.Node, int] = defaultdict(int)
     classes = sorted(rows, key=lambda r: (order[rows[r][0][0]], rows[r][0][1]))
@@ -469,21 +498,19 @@ def find_channel_groups(
             continue
         members: list[Member] = []
         nodes: dict[str, None] = {}
+        numel = 0
+        held = [(node, c) for node, c, member in entries[r] if member]
+        for node, c in rows[r] + held:
+            for name, n in per_row[node]:
+                members.append(Member(name, 0, c, c + 1))
+                numel += n
         for node, c in rows[r]:
             nodes[node.name] = None
-            for name, p in own_parameters(node, root):
-                params[name] = p
-                members.append(Member(name, 0, c, c + 1))
-        for node, c, member in entries[r]:
+            kept[node] += 1
+        for node, _, _ in entries[r]:
             nodes[node.name] = None
-            if member:
-                for name, p in own_parameters(node, root):
-                    params[name] = p
-                    members.append(Member(name, 0, c, c + 1))
-        for stem, _ in rows[r]:
-            kept[stem] += 1
         gid = first_id + len(groups)
-        groups.append(GeZIG(gid, -1, tuple(nodes), tuple(members), _numel(members, params), kind="channel"))
+        groups.append(GeZIG(gid, -1, tuple(nodes), tuple(members), numel, kind="channel"))
         slices[gid] = ChannelSlice(tuple((n.name, c) for n, c in rows[r]),
                                    tuple((n.name, c) for n, c, _ in entries[r]),
                                    tuple((n.name, lo, k) for n, lo, k in columns[r]))

@@ -471,4 +471,4 @@ def test_summary_has_one_row_per_layer():
 
     text = viz.summary(fxoto.build_space(vgg(), X, structures="channels"))
     assert "g0..g7" in text and "8 channels, 7 can go" in text and "g16..g31" in text
-    assert "0 GeZIGs over 3 segments and 32 channel groups in 3 layers" in text
+    assert "0 GeZIGs over 3 segments and 32 channel groups over 3 layers" in text
