@@ -678,13 +678,22 @@ class H2SPG(Optimizer):
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
-        in ``work`` at all, their slices are set back to zero with their state."""
+        in ``work`` at all, and their rows in the other parameters take a zero gradient (their
+        ``.grad`` rows are set to zero): with those rows and their state at zero since
+        ``_force``, every variant's step leaves them at zero (momentum m 0 + 0, Adam's moments
+        0 and step 0 / eps, weight decay of 0)."""
+        plan = self._hot
+        for p, grad, _ in work:
+            i = plan.position.get(id(p))
+            if i is not None and plan.dims[i] is not None:  # whole ones are pinned: not in work
+                grad.index_fill_(plan.dims[i], plan.rows_in[i], 0)
         if self.foreach:
             self._multi_tensor_plain_steps(work, self._multi_tensor_directions(work), skip=set())
         else:
             for p, grad, group in work:
                 _plain_step(p, self._direction(p, grad, group))
-        self._rezero(self._hot, whole=False)
+        if self.variant != "sgd" and any(group["eps"] == 0 for group in self.param_groups):
+            self._rezero(plan, whole=False)  # Adam's 0 / (0 + eps) is NaN at eps = 0
 
     # -- the rules applied to a step's inner products (shared by both paths) ------------------
 
@@ -763,18 +772,17 @@ class H2SPG(Optimizer):
         self._zeroed_at.masked_fill_(left, self._step - 1)
         self._zero |= hot
         # Every redundant group is zero, with its optimizer state; from now on its whole
-        # parameters take no step and its slices are set back to zero after each step.
-        self._rezero(self._hot, whole=True)
+        # parameters take no step and its rows elsewhere a zero gradient (_pruned_step).
+        self._rezero(self._hot)
         self._lambda.zero_()
 
     def _pinned_whole(self) -> set[int]:
         return {id(p) for p in self._hot.params[:self._hot.whole]}
 
     @torch.no_grad()
-    def _rezero(self, plan: _Plan, whole: bool) -> None:
-        """Set the redundant members and their optimizer state (momentum, Adam moments) to
-        zero: the sliced members (whose parameter steps as a whole), and the whole ones too
-        when ``whole``."""
+    def _rezero(self, plan: _Plan, whole: bool = True) -> None:
+        """Set the plan's members and their optimizer state (momentum, Adam moments) to zero
+        (with ``whole`` False, the sliced ones only)."""
         for i, p in enumerate(plan.params):
             dim = plan.dims[i]
             if dim is None and not whole:

@@ -775,3 +775,17 @@ def test_cuda_checkpoint_resumes_on_the_cpu():
     assert resumed.redundant == opt.redundant and resumed.phase == "hybrid"
     train(cpu_model, resumed, data[4:])
     assert cpu_space.zero_groups() == sorted(resumed.redundant)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_pruned_rows_stay_zero_with_adam(eps):
+    # After the hybrid phase the redundant rows of sliced parameters take a zero gradient; at
+    # eps = 0 Adam's step there would be 0 / 0, so those rows are set back to zero after it.
+    model, space = demo_both()
+    opt = H2SPG(space, {"channels": 4}, 0.05, variant="adam", eps=eps, warmup_steps=2, pruning_steps=2)
+    for x, y in batches(8):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.phase == "pruned" and space.zero_groups() == sorted(opt.redundant)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())

@@ -19,7 +19,7 @@ at batch 64; baselines SGD with ``foreach=True`` and with ``fused=True``, AdamW 
 whole bf16 training step (forward, backward, step) of H2SPG's hybrid phase against SGD's.
 
     PYTHONPATH=. .venv/bin/python tools/bench_optimizer.py [--device cpu|cuda] [--threads 2] [--clock cpu]
-        [--phases hybrid] [--variants sgd]
+        [--phases hybrid] [--variants sgd] [--structures operations|channels|both] [--models vgg11_bn]
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ from fxoto.optimizer import H2SPG
 from fxoto.zoo import INPUT_SHAPES, DemoSupNet
 from fxoto.zoo.darts import darts_8cells
 
+# name: (constructor, input shape; None: 3 x --size x --size)
+MODELS = {
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), None),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
+    "DemoSupNet": (DemoSupNet, (1, 28, 28)),
+    "DARTS-8": (darts_8cells, INPUT_SHAPES["darts8"]),
+}
 LR = 1e-7  # tiny, so that repeated steps on one gradient keep the parameters (and phases) as they are
 
 
@@ -72,8 +79,8 @@ def timed(step: Callable[[], None], n: int, clock, sync: Callable[[], None]) -> 
 
 
 def bench(name: str, model: torch.nn.Module, x: torch.Tensor, baselines: dict[str, Callable], variants: list[str],
-          phases: list[str], rounds: int, steps: int, clock, sync) -> list[list]:
-    space = fxoto.build_space(model, (x[:1],))
+          phases: list[str], rounds: int, steps: int, clock, sync, structures: str) -> list[list]:
+    space = fxoto.build_space(model, (x[:1],), structures=structures)
     model.train()
     labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
     torch.nn.functional.cross_entropy(model(x), labels).backward()
@@ -113,14 +120,15 @@ def bench(name: str, model: torch.nn.Module, x: torch.Tensor, baselines: dict[st
     rows = []
     for key, (opt, base) in opts.items():
         ratios = [f"{med[key] / med[b]:.2f}x" for b in baselines]
-        rows.append([f"{name} ({n_params / 1e6:.1f} M params, {len(space.groups)} GeZIGs)" if not rows else "",
+        rows.append([f"{name} ({n_params / 1e6:.1f} M params, {len(space.groups)} {structures} groups)" if not rows else "",
                      key, f"{med[key]:.3f}", *ratios, reads[key], f"{state_bytes(opt) / 2**20:.1f}"])
     return rows
 
 
-def training_step(name: str, model: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, clock, sync) -> list:
+def training_step(name: str, model: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, clock, sync,
+                  structures: str) -> list:
     """A whole bf16 training step (forward, backward, step): H2SPG-sgd's hybrid phase against SGD's."""
-    space = fxoto.build_space(model, (x[:1],))
+    space = fxoto.build_space(model, (x[:1],), structures=structures)
     labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, LR, momentum=0.9, foreach=True)
@@ -156,6 +164,10 @@ def main() -> None:
     ap.add_argument("--phases", nargs="*", default=["warmup", "hybrid", "pruned"],
                     help="H2SPG's phases to time (fewer optimizers alive: less memory traffic between them)")
     ap.add_argument("--variants", nargs="*", default=None, help="H2SPG variants (default: sgd and adam / adamw)")
+    ap.add_argument("--structures", choices=["operations", "channels", "both"], default="operations",
+                    help="the groups H2SPG works on (fxoto.search's structures=)")
+    ap.add_argument("--models", nargs="*", default=None, choices=sorted(MODELS),
+                    help="default: resnet50 and DemoSupNet on the CPU, resnet50 and DARTS-8 on CUDA")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall clock, or the process's CPU time (steadier on a loaded CPU; not with CUDA)")
     args = ap.parse_args()
@@ -178,23 +190,22 @@ def main() -> None:
             "AdamW fused": lambda ps: torch.optim.AdamW(ps, LR, fused=True),
         }
         variants = ["sgd", "adamw"]
-        models = [("resnet50", torchvision.models.resnet50(num_classes=10), (3, args.size, args.size)),
-                  ("DARTS-8", darts_8cells(), INPUT_SHAPES["darts8"])]
+        names = ["resnet50", "DARTS-8"]
     else:
         baselines = {
             "SGD(momentum=0.9)": lambda ps: torch.optim.SGD(ps, LR, momentum=0.9),
             "Adam": lambda ps: torch.optim.Adam(ps, LR),
         }
         variants = ["sgd", "adam"]
-        models = [("resnet50", torchvision.models.resnet50(num_classes=10), (3, args.size, args.size)),
-                  ("DemoSupNet", DemoSupNet(), (1, 28, 28))]
+        names = ["resnet50", "DemoSupNet"]
+    models = [(name, MODELS[name][0](), MODELS[name][1] or (3, args.size, args.size)) for name in args.models or names]
     rows = []
     for name, model, shape in models:
         model = model.to(device)
         x = torch.randn(batch, *shape, device=device)
         rounds = args.rounds if name == "resnet50" else args.rounds * 3
         rows += bench(name, model, x, baselines, args.variants or variants, args.phases, rounds, args.steps, clock,
-                      sync)
+                      sync, args.structures)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch {torch.__version__}; "
           f"{torch.cuda.get_device_name(device) if cuda else f'{args.threads} threads'}; batch {batch}; "
           f"{'wall' if cuda else args.clock} clock, median over rounds of {args.steps} steps")
@@ -202,7 +213,7 @@ def main() -> None:
                                   "host reads", "state MiB"], disable_numparse=True))
     if cuda:
         whole = [training_step(name, model.to(device), torch.randn(batch, *shape, device=device), args.rounds,
-                               args.steps, clock, sync) for name, model, shape in models]
+                               args.steps, clock, sync, args.structures) for name, model, shape in models]
         print("\nwhole bf16 training step (forward, backward, step), H2SPG-sgd hybrid against SGD foreach")
         print(tabulate(whole, headers=["model", "SGD ms", "H2SPG ms", "ratio"], disable_numparse=True))
 
