@@ -11,7 +11,7 @@ from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
 from fxoto.roles import DEFAULT_TABLE, OpTable
 from fxoto.segments import annotate_rules, cut_segments
-from fxoto.space import SearchSpace, find_gezigs, resolve_k, target_k  # noqa: F401 (resolve_k: re-exported)
+from fxoto.space import SearchSpace, find_gezigs, kind_counts, resolve_k, target_k  # noqa: F401 (resolve_k: re-exported)
 from fxoto.trace import trace
 
 STRUCTURES = ("operations", "channels", "both")
@@ -53,7 +53,9 @@ class Search:
     def __init__(self, model: nn.Module, K: int | float | dict[str, int | float], space: SearchSpace):
         self.model = model
         self.space = space
-        self.K = target_k(K, space)
+        self.K = target_k(K, space)  # the count; K as given goes to H2SPG (a dict per kind stays one)
+        self.K_per_kind = kind_counts(K, space)
+        self._requested = K
         self.opt = None
         self.history = None
 
@@ -71,7 +73,7 @@ class Search:
             kwargs.setdefault("pruning_steps", max(1, (2 * total_steps) // 5))
         if lr is None:
             lr = 0.05 if kwargs.get("variant", "sgd") == "sgd" else 1e-3
-        self.opt = H2SPG(self.space, self.K, lr, **kwargs)
+        self.opt = H2SPG(self.space, self._requested, lr, **kwargs)
         return self.opt
 
     def fit(self, train_loader, loss_fn, epochs: int, val_loader=None, device=None, amp=None, **kwargs):

@@ -472,3 +472,9 @@ def test_summary_has_one_row_per_layer():
     text = viz.summary(fxoto.build_space(vgg(), X, structures="channels"))
     assert "g0..g7" in text and "8 channels, 7 can go" in text and "g16..g31" in text
     assert "0 GeZIGs over 3 segments and 32 channel groups over 3 layers" in text
+
+
+def test_search_hands_k_per_kind_to_h2spg():
+    s = fxoto.search(Residual(), {"operations": 1, "channels": 3}, X, structures="both")
+    assert s.K == 4 and s.K_per_kind == {"operation": 1, "channel": 3}
+    assert s.optimizer(total_steps=10).K_per_kind == {"operation": 1, "channel": 3}
