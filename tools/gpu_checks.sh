@@ -17,3 +17,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -rs -k "cuda" tests/ 2>&1 | tee "$OUT/tests.txt"
 python3 tools/bench_optimizer.py --device cuda --rounds 7 --steps 10 2>&1 | tee "$OUT/bench_optimizer.txt"
+python3 tools/bench_optimizer.py --device cuda --rounds 7 --steps 10 --structures channels --models resnet50 vgg11_bn --variants sgd 2>&1 | tee "$OUT/bench_optimizer_channels.txt"
