@@ -79,3 +79,40 @@ def test_subnet_of_torchvision_model_is_exact(case):
         scale = max(1.0, expected.abs().max().item())
         assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), f"{case.name} seed {seed}: {(got - expected).abs().max()}"
         assert sum(p.numel() for p in sub.parameters()) < n_super
+
+
+# Channel groups counted by hand: resnet18's four residual streams (64 + 128 + 256 + 512) and its
+# eight blocks' inner convolutions (2 x (64 + 128 + 256 + 512)); densenet121's conv0 (64), its 58
+# dense layers' bottleneck (128) and growth (32) convolutions and its transitions (128, 256, 512).
+CHANNEL_COUNTS = {"resnet18": 2880, "densenet121": 10240}
+
+
+@pytest.mark.parametrize("structures", ["channels", "both"])
+def test_channel_removals_of_torchvision_model_are_exact(case, structures):
+    """3 random removals of channel groups (structures="channels") or of both kinds ("both"):
+    the sub-network equals the zeroed super-network and is smaller.  A model with no channel
+    group says why in its excluded reasons."""
+    case.reset()
+    x = case.x[:1]  # one image: half the time of the two-image checks above
+    space = fxoto.build_space(case.model, (x,), structures=structures)
+    channel = sum(g.kind == "channel" for g in space.groups)
+    reasons = [e.reason for e in space.excluded if e.reason.startswith("channels: ")]
+    assert all(len(r) > len("channels: ") for r in reasons)
+    if structures == "channels" and case.name in CHANNEL_COUNTS:
+        assert channel == CHANNEL_COUNTS[case.name]
+    if not channel:
+        assert reasons, f"{case.name}: no channel group and no stem set aside with a reason"
+        return  # "both": operation removals alone, test_subnet_of_torchvision_model_is_exact
+    n_super = sum(p.numel() for p in case.model.parameters())
+    for seed in range(3):
+        case.reset()
+        ids = space.sample_removal(0.5, seed)
+        space.zero_(ids)
+        with torch.no_grad():
+            expected = case.model(x)
+            sub = space.construct_subnet(ids)
+            got = sub(x)
+        scale = max(1.0, expected.abs().max().item())
+        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), \
+            f"{case.name} {structures} seed {seed}: {(got - expected).abs().max()}"
+        assert sum(p.numel() for p in sub.parameters()) < n_super
