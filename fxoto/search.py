@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
+import torch.fx as fx
 from torch import nn
 
 from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
-from fxoto.roles import DEFAULT_TABLE, OpTable
-from fxoto.segments import annotate_rules, cut_segments
-from fxoto.space import SearchSpace, find_gezigs, kind_counts, resolve_k, target_k  # noqa: F401 (resolve_k: re-exported)
+from fxoto.roles import DEFAULT_TABLE, OpTable, Zero
+from fxoto.segments import RULE, Segment, annotate_rules, cut_segments, own_parameters
+from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
+    GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k,
+)
 from fxoto.trace import trace
 
 STRUCTURES = ("operations", "channels", "both")
@@ -41,10 +45,55 @@ def build_space(
     if structures != "channels":
         groups, excluded = find_gezigs(graph, model, segments)
     if structures != "operations":
-        taken = {name for g in groups for name in g.nodes}
+        taken = _decisive_nodes(groups, segments, graph, model)
         channel_groups, channel_excluded, layers, slices = find_channel_groups(graph, model, len(groups), taken)
-        groups, excluded = groups + channel_groups, excluded + channel_excluded
+        groups = _without_channels(groups, channel_groups, model) + channel_groups
+        excluded = excluded + channel_excluded
     return SearchSpace(model, graph, segments, groups, excluded, layers, slices)
+
+
+def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Graph, root: nn.Module) -> set[str]:
+    """The nodes of the operation groups that the channel groups leave alone (``"both"``).
+
+    An operation group's segment ends in the nodes that decide its output: from the last
+    node whose own variables zero its output (a stem, an affine norm) to the end, every
+    node maps zero to zero.  Those stay whole in the operation group, so that zeroing it
+    still zeroes the segment's output.  The layers before them (a bottleneck's first two
+    convolutions) may be slimmed by channel groups, which then hold their variables: the
+    two kinds nest, disjoint, and a block can be made thinner or erased.  A group whose
+    members are slices after a concat stays whole.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    by_id = {seg.id: seg for seg in segments}
+    decisive: set[str] = set()
+    for g in groups:
+        chain = [nodes[n] for n in by_id[g.segment].nodes]
+        last = next((i for i in reversed(range(len(chain))) if _zeroes_output(chain[i], root)), None)
+        if last is None or any(m.dim is not None for m in g.members):
+            decisive.update(g.nodes)
+        else:
+            decisive.update(n.name for n in chain[last:])
+    return decisive
+
+
+def _zeroes_output(node: fx.Node, root: nn.Module) -> bool:
+    """Zero variables, zero output, and every later node of the chain maps zero to zero
+    (checked by the caller's walk from the end: the first such node met is the last)."""
+    return node.meta[RULE].zero is Zero.OWN_VARIABLES and bool(own_parameters(node, root))
+
+
+def _without_channels(groups: list[GeZIG], channel_groups: list[GeZIG], root: nn.Module) -> list[GeZIG]:
+    """The operation groups less the parameters that channel groups hold (``_decisive_nodes``)."""
+    held = {m.param for g in channel_groups for m in g.members}
+    if not held:
+        return groups
+    params = dict(root.named_parameters(remove_duplicate=False))
+    out = []
+    for g in groups:
+        members = tuple(m for m in g.members if m.param not in held)
+        out.append(g if len(members) == len(g.members) else
+                   replace(g, members=members, numel=_numel(list(members), params)))
+    return out
 
 
 class Search:
