@@ -1,20 +1,24 @@
-"""Channel coverage: fxoto's channel groups against the channels torch-pruning can prune (issue 11).
+"""Channel coverage: the channels fxoto can slim against those torch-pruning can prune (issue 11).
 
 For each torchvision classification model (random values, eval, one small input as in
-``tests/zoo_models.py``) this counts, side by side:
+``tests/zoo_models.py``) this counts, side by side, layer channels: the (layer, output
+channel) pairs that some group removes, over the Conv and Linear layers.
 
-* fxoto: the channel groups of ``fxoto.build_space(model, x, structures="channels")``, one
-  group per output channel of a layer it can slim, and the layers they belong to;
-* torch-pruning: the sum over the pruning groups of ``DependencyGraph().get_all_groups`` (Conv
-  and Linear roots, the 1000-class classifier ignored, as in torch-pruning's own examples) of
-  the group's channel count, that is the root layer's output channels. Channels coupled
-  through an ``add`` or a ``cat`` are counted once, in the group of the first root that
-  reaches them, as fxoto counts a coupled channel once.
+* fxoto: the rows held by the channel groups of ``fxoto.build_space(model, x,
+  structures="channels")``, beside the number of groups (a channel coupled through an add
+  is one group holding a row of each stem; a grouped convolution's group goes whole) and of
+  layers;
+* torch-pruning: the output channels removed by the pruning groups of
+  ``DependencyGraph().get_all_groups`` (Conv and Linear roots, the 1000-class output layer
+  ignored, as in torch-pruning's own examples), beside the number of groups.
 
-Both count channel units that can be slimmed; neither count says all of a layer's channels
-may go (fxoto keeps one per layer). Where fxoto counts fewer, the last column says why, from
+Counting layer channels on both sides makes the two comparable whatever each couples: fxoto
+removes a ResNeXt conv group's input and output channels in one group, torch-pruning
+counts the two layers in two groups. Neither count says that all of a layer's channels may
+go (fxoto keeps one per layer). Where fxoto counts fewer, the last column says why, from
 ``SearchSpace.excluded``: the layers set aside, grouped by reason (the node names dropped),
-with their output channels, largest first. Totals at the end.
+with their output channels, largest first. Totals at the end. torch-pruning is given up
+after ``--timeout`` seconds per model.
 
     PYTHONPATH=. .venv/bin/python tools/channel_coverage.py [--models resnet18 vgg11_bn ...] [--threads 1]
 """
@@ -45,17 +49,21 @@ from tests.zoo_models import TORCHVISION, build, input_size  # noqa: E402
 _NAMED = re.compile(r"'[^']*' \(([^)]*)\)")  # "'add_3' (add)" -> "add"
 
 
-def fxoto_channels(model: nn.Module, x: torch.Tensor) -> tuple[int, int, dict[str, tuple[int, int]]]:
-    """Channel groups, their layers, and the set-aside layers: reason -> (layers, output channels)."""
+def fxoto_channels(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, dict[str, tuple[int, int]]]:
+    """Layer channels in groups, channel groups, their layers, and the set-aside layers: reason -> (layers, channels).
+
+    Layer channels: the (stem, output channel) pairs that some channel group holds.
+    """
     space = fxoto.build_space(model, (x,), structures="channels")
-    groups = sum(g.kind == "channel" for g in space.groups)
+    ids = [g.id for g in space.groups if g.kind == "channel"]
+    channels = len({row for i in ids for row in space.slices[i].rows})
     nodes = {n.name: n for n in space.graph.nodes}
     why: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in space.excluded:
         reason = _NAMED.sub(r"\1", e.reason.removeprefix("channels: ")).split(": ")[0]
         why[reason][0] += 1
         why[reason][1] += _out_channels(nodes.get(e.nodes[0]), model)
-    return groups, len(space.layers), {r: (n, c) for r, (n, c) in why.items()}
+    return channels, len(ids), len(space.layers), {r: (n, c) for r, (n, c) in why.items()}
 
 
 class _TimedOut(Exception):
@@ -80,7 +88,10 @@ def _out_channels(node, model: nn.Module) -> int:
 
 
 def torch_pruning_channels(model: nn.Module, x: torch.Tensor, timeout: int) -> tuple[int, int]:
-    """The channels in torch-pruning's pruning groups (sum of the roots' output channels), and the groups.
+    """Layer channels in torch-pruning's pruning groups, and the groups.
+
+    Layer channels: the (Conv or Linear module, output channel) pairs that some group's
+    output-channel pruning removes.
 
     Given up after ``timeout`` seconds (``_TimedOut``): on Swin, torch-pruning's
     ``get_all_groups`` ran for more than five minutes.
@@ -91,11 +102,15 @@ def torch_pruning_channels(model: nn.Module, x: torch.Tensor, timeout: int) -> t
     signal.alarm(timeout)
     try:
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
-        classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+        classifier = [m for m in model.modules()  # the 1000-class output layer: Linear, or SqueezeNet's Conv
+                      if getattr(m, "out_features", None) == 1000 or getattr(m, "out_channels", None) == 1000]
         groups = list(graph.get_all_groups(ignored_layers=classifier))
     finally:
         signal.alarm(0)
-    return sum(len(g[0].idxs) for g in groups), len(groups)
+    pairs = {(id(item.dep.target.module), i) for g in groups for item in g
+             if graph.is_out_channel_pruning_fn(item.dep.handler)
+             and isinstance(item.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd)) for i in item.idxs}
+    return len(pairs), len(groups)
 
 
 def why_fewer(why: dict[str, tuple[int, int]], limit: int = 3) -> str:
@@ -125,16 +140,16 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(1, 3, size, size)
         row = [name, size]
         try:
-            ours, layers, why = fxoto_channels(model, x)
+            ours, groups, layers, why = fxoto_channels(model, x)
         except Exception as exc:  # noqa: BLE001 (a row per model, whatever fails)
-            ours, layers, why = None, None, {f"fxoto failed: {type(exc).__name__}: {exc}"[:120]: (0, 0)}
+            ours, groups, layers, why = None, None, None, {f"fxoto failed: {type(exc).__name__}: {exc}"[:120]: (0, 0)}
         try:
             theirs, tp_groups = torch_pruning_channels(model, x, args.timeout)
         except _TimedOut:
             theirs, tp_groups = None, f"over {args.timeout} s"
         except Exception as exc:  # noqa: BLE001
-            theirs, tp_groups = None, f"failed: {type(exc).__name__}: {exc}"[:60]
-        row += [ours, layers, theirs, tp_groups]
+            theirs, tp_groups = None, f"failed: {type(exc).__name__}"
+        row += [ours, groups, layers, theirs, tp_groups]
         if ours is None or theirs is None:
             failed += 1
             row += ["-", why_fewer(why) if ours is None else ""]
@@ -149,11 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         del model
         gc.collect()
 
-    print(tabulate(rows, headers=["model", "input", "fxoto channel groups", "fxoto layers", "torch-pruning channels",
+    rows = [[f"{v:,}" if isinstance(v, int) else "" if v is None else v for v in row] for row in rows]
+    print(tabulate(rows, headers=["model", "input", "fxoto channels", "fxoto groups", "fxoto layers", "torch-pruning channels",
                                   "tp groups", "fxoto / tp", "why fewer (fxoto's set-aside layers)"],
-                   tablefmt=args.tablefmt, intfmt=","))
+                   tablefmt=args.tablefmt, disable_numparse=True))
     compared = len(rows) - failed
-    print(f"\ntotal over {compared} models both counted: fxoto {totals[0]:,} channel groups, torch-pruning "
+    print(f"\ntotal over {compared} models both counted: fxoto {totals[0]:,} channels, torch-pruning "
           f"{totals[1]:,} channels ({totals[0] / max(totals[1], 1):.2f}); fxoto fewer on {fewer} of {compared}"
           + (f"; {failed} models not counted by one of them" if failed else ""))
 
