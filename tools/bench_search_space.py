@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                        floatfmt=(".0f", ".0f", ".0f", ".1f", ".1f", ".3f", ".3f", "", ".0f", ".1f", ".3f"),
                        tablefmt="github"))
         print('\nIn "both", a layer inside a GeZIG is set aside so that the two kinds stay disjoint (where every '
-              'convolution lies in a GeZIG, as in ResNet, "both" has no channel groups); "channels" times the '
+              'convolution lies in a GeZIG, "both" has no channel groups); "channels" times the '
               'channel walk over every layer.')
         print("\nfxoto's time is build_space's; the GraphModule (SearchSpace.gm) is built on first use, timed apart")
         print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end of the comparison\n")
