@@ -1,10 +1,11 @@
 """Looking at a search space: a text summary and the dependency graph of segments.
 
-* ``summary``: one row per GeZIG, totals, and the segments set aside with their reasons.
+* ``summary``: one row per GeZIG and per set of layers whose channel groups are coupled
+  (``channel_sets``), totals, and the segments and layers set aside with their reasons.
 * ``to_dot``: Graphviz DOT of the dependency graph of segments (paper, Figure 1b), with the
   GeZIGs filled in distinct colours; groups in ``erased`` are drawn dashed and grey, as the
-  paper draws the removed vertices (Figure 3). Channel groups are drawn per layer: a note
-  beside the segment that holds the layer, in a colour of its own, saying how many of its
+  paper draws the removed vertices (Figure 3). Channel groups are drawn per set of coupled
+  layers: a note beside the segments that hold them, in a colour of its own, saying how many
   channels can go (or, with ``erased``, how many are erased).
 * ``render``: the DOT file and, by Graphviz's ``dot`` when installed, an SVG; without Graphviz
   a PNG drawn by matplotlib (when importable) in a layered layout.
@@ -75,8 +76,7 @@ def channel_sets(space: SearchSpace) -> list[ChannelSet]:
     by_stems: dict[tuple[str, ...], list[int]] = {}
     for g in space.groups:
         if g.kind == "channel":
-            cut = space.slices.get(g.id)
-            stems = tuple(dict.fromkeys(stem for stem, _ in cut.rows)) if cut else (g.nodes[0],)
+            stems = tuple(dict.fromkeys(stem for stem, _ in space.slices[g.id].rows))
             by_stems.setdefault(stems, []).append(g.id)
     sets = []
     for stems, ids in by_stems.items():
@@ -84,7 +84,7 @@ def channel_sets(space: SearchSpace) -> list[ChannelSet]:
         gone: dict[str, int] = {}
         can_go = 0
         for i in ids:  # greedily, as SearchSpace.removal_problem counts: each stem keeps a channel
-            if all(gone.get(stem, 0) + n < _channels(space, stem) for stem, n in rows[i].items()):
+            if all(gone.get(stem, 0) + n < space.layers[stem].channels for stem, n in rows[i].items()):
                 for stem, n in rows[i].items():
                     gone[stem] = gone.get(stem, 0) + n
                 can_go += rows[i].get(stems[0], 0)
@@ -95,18 +95,10 @@ def channel_sets(space: SearchSpace) -> list[ChannelSet]:
 
 def _rows(space: SearchSpace, i: int) -> dict[str, int]:
     """How many output channels of each stem channel group ``i`` holds."""
-    cut = space.slices.get(i)
-    if cut is None:
-        return {space.groups[i].nodes[0]: 1}
     rows: dict[str, int] = {}
-    for stem, _ in cut.rows:
+    for stem, _ in space.slices[i].rows:
         rows[stem] = rows.get(stem, 0) + 1
     return rows
-
-
-def _channels(space: SearchSpace, stem: str) -> int:
-    layer = space.layers.get(stem)
-    return layer.channels if layer is not None else 0
 
 
 def summary(space: SearchSpace) -> str:
