@@ -1,0 +1,31 @@
+"""tools/channel_coverage.py: fxoto's channels beside torch-pruning's (needs the bench extra)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch_pruning")
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "channel_coverage.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("channel_coverage", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_and_residual_networks_count_the_same_layer_channels(capsys):
+    _tool().main(["--models", "alexnet", "resnet18", "--tablefmt", "plain"])
+    out = capsys.readouterr().out
+    # Columns: model, input, fxoto channels, groups, layers, torch-pruning channels. alexnet: every
+    # conv and the two hidden linears, 64+192+384+256+256+4096+4096; resnet18: every conv, the
+    # shortcuts' included, 64 + 4*64 + 5*128 + 5*256 + 5*512 (the 1000-class fc ignored on both sides).
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["alexnet"], ["resnet18"])}
+    assert rows["alexnet"][2] == rows["alexnet"][5] == "9,344"
+    assert rows["resnet18"][2] == rows["resnet18"][5] == "4,800"
+    assert "fxoto fewer on 0 of 2" in out
