@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("torch_pruning")
 
@@ -20,7 +21,8 @@ def _tool():
 
 
 def test_plain_and_residual_networks_count_the_same_layer_channels(capsys):
-    _tool().main(["--models", "alexnet", "resnet18", "--tablefmt", "plain"])
+    threads = str(torch.get_num_threads())  # the tool sets the process's threads: leave them as they are
+    _tool().main(["--models", "alexnet", "resnet18", "--tablefmt", "plain", "--threads", threads])
     out = capsys.readouterr().out
     # Columns: model, input, fxoto channels, groups, layers, torch-pruning channels. alexnet: every
     # conv and the two hidden linears, 64+192+384+256+256+4096+4096; resnet18: every conv, the
