@@ -52,7 +52,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
-from fxoto.segments import LIVE, RULE, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data, own_parameters, users
+from fxoto.segments import (LIVE, RULE, SEGMENT, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data,
+                            is_joint, own_parameters, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.space import Exclusion, GeZIG, Member
 
@@ -61,10 +62,18 @@ _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 @dataclass(frozen=True)
 class ChannelLayer:
-    """A stem whose output channels lie in channel groups: ``channels`` of them in the super-network."""
+    """A stem whose output channels lie in channel groups: ``channels`` of them in the super-network.
+
+    ``segment``: the segment erased when every channel goes (None: such a removal is refused).
+    That is the stem's own segment when its channels are its alone (no ``add`` or grouped
+    convolution ties them to another stem's), nothing after it in the segment carries other
+    channels, and the segment ends only at concat joints: all channels zero, the segment's output
+    is zero and the concat can drop it, as for a GeZIG (DESIGN 4).
+    """
 
     stem: str
     channels: int
+    segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -521,6 +530,31 @@ def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
             total = len(reasons) + kept[stem]
             share = f"{len(reasons)} of its {total} output channels: " if kept[stem] else ""
             excluded.append(Exclusion((stem.name,), f"channels: {share}{reasons[0]}"))
-    layers = {stem.name: ChannelLayer(stem.name, walk.width[walk.root_of(stem)])
+    alone = {stem: True for stem in walk.stems}
+    for r in classes:
+        if len({node for node, _ in rows[r]}) > 1:
+            for node, _ in rows[r]:
+                alone[node] = False
+    chains: dict[int, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if SEGMENT in node.meta:
+            chains[node.meta[SEGMENT]].append(node)
+    layers = {stem.name: ChannelLayer(stem.name, walk.width[walk.root_of(stem)],
+                                      _erased_with(stem, walk, chains) if alone[stem] else None)
               for stem in walk.stems if kept[stem]}
     return groups, excluded, layers, slices
+
+
+def _erased_with(stem: fx.Node, walk: _Walk, chains: dict[int, list[fx.Node]]) -> int | None:
+    """The stem's segment, when removing all its channels erases it (see ``ChannelLayer``)."""
+    segment = stem.meta.get(SEGMENT)
+    if segment is None:
+        return None
+    chain = chains[segment]
+    after = chain[chain.index(stem):]
+    if any(n not in walk.space or walk.root_of(n) != walk.root_of(stem) for n in after):
+        return None
+    ends = users(chain[-1])
+    if not ends or not all(is_joint(u) and u.meta[RULE].joint is Joint.CAT for u in ends):
+        return None
+    return segment

@@ -216,6 +216,7 @@ class SearchSpace:
         self.slices = slices or {}
         nodes = {n.name: n for n in graph.nodes}
         self._seg_of_group = [g.segment if g.kind == "operation" else None for g in groups]
+        self._segment_of_node = {name: seg.id for seg in segments for name in seg.nodes}
         # Per channel group: how many output channels of each stem it removes.
         self._rows_of_group: list[dict[str, int] | None] = [None] * len(groups)
         for i, cut in self.slices.items():
@@ -266,19 +267,38 @@ class SearchSpace:
     def removal_problem(self, ids: Iterable[int]) -> str | None:
         """Why erasing these groups is invalid (naming a node), or None when it is valid.
 
-        Channel groups: removing every channel of a layer would erase the layer; this
-        first slice refuses that rather than rewiring what the layer feeds.
+        Channel groups: removing every output channel of a stem erases the stem's segment
+        where that is exact (``ChannelLayer.segment``: its channels end at concat joints),
+        and is refused elsewhere; the segments so erased join the operation groups' in
+        the dependency-graph check.
         """
         ids = self._known(ids)
+        erased, problem = self.channel_erasures(ids)
+        if problem is not None:
+            return problem
+        return self._graph_problem(erased | {self._seg_of_group[i] for i in ids} - {None})
+
+    def channel_erasures(self, ids: Iterable[int]) -> tuple[set[int], str | None]:
+        """The segments erased because every channel of their stem is among ``ids``, and
+        why the removal is refused (a stem losing every channel where that is not exact;
+        a stem inside an operation group erased with it loses nothing that matters)."""
+        ids = list(ids)
         gone: dict[str, int] = {}
         for i in set(ids):
             for stem, n in (self._rows_of_group[i] or {}).items():
                 gone[stem] = gone.get(stem, 0) + n
-        for stem, n in gone.items():
-            if n >= self.layers[stem].channels:
-                return (f"removing all {n} output channels of node '{stem}' would erase it; fxoto keeps at "
-                        f"least one channel per layer")
-        erased = {self._seg_of_group[i] for i in ids} - {None}
+        operations = {self._seg_of_group[i] for i in ids} - {None}
+        complete = [stem for stem, n in gone.items() if n >= self.layers[stem].channels]
+        erased = {self.layers[s].segment for s in complete} - {None} - operations
+        for stem in complete:
+            if self.layers[stem].segment is None and self._segment_of_node.get(stem) not in operations | erased:
+                return erased, (f"removing all {gone[stem]} output channels of node '{stem}' would erase it, and its "
+                                f"channels do not end at concat joints that could drop it (or are tied to another "
+                                f"stem's); fxoto keeps at least one channel of such a layer")
+        return erased, None
+
+    def _graph_problem(self, erased: set[int]) -> str | None:
+        """DESIGN 4 on the dependency graph of segments, ``erased`` gone."""
         fed = [False] * len(self.segments)
         for seg in self.segments:  # segments are in topological order
             if seg.id in erased:
@@ -359,12 +379,13 @@ class SearchSpace:
         accepted on top of the ones before it).  The walk behind
         ``sample_removal``, ``greedy_max_removal`` and ``select_removal``.
 
-        A channel group is checked by counting its stems' removed channels (its one
-        rule in ``removal_problem``, independent of the operation groups), so a walk
-        over tens of thousands of channel groups stays linear.
+        A channel group is checked by counting its stems' removed channels (its rule in
+        ``removal_problem``), and the dependency graph only when it takes a stem's last
+        channel (erasing the stem's segment), so a walk over tens of thousands of channel
+        groups stays linear.
         """
         chosen: list[int] = []
-        operations: list[int] = []
+        erased: set[int] = set()  # segments: the operation groups' and those of stems with no channel left
         gone: dict[int, None] = {}
         per_stem: dict[str, int] = {}
         for i in self._known(order):
@@ -372,15 +393,22 @@ class SearchSpace:
                 break
             rows = self._rows_of_group[i]
             if rows is None:
-                if self.is_valid_removal(operations + [i]):
-                    operations.append(i)
+                if self._graph_problem(erased | {self._seg_of_group[i]}) is None:
+                    erased.add(self._seg_of_group[i])
                     chosen.append(i)
-            elif i in gone or all(per_stem.get(s, 0) + n < self.layers[s].channels for s, n in rows.items()):
-                if i not in gone:
-                    for s, n in rows.items():
-                        per_stem[s] = per_stem.get(s, 0) + n
-                    gone[i] = None
+                continue
+            if i in gone:
                 chosen.append(i)
+                continue
+            last = {self.layers[s].segment for s, n in rows.items()
+                    if per_stem.get(s, 0) + n >= self.layers[s].channels and self._segment_of_node.get(s) not in erased}
+            if None in last or (last and self._graph_problem(erased | last) is not None):
+                continue
+            erased |= last
+            for s, n in rows.items():
+                per_stem[s] = per_stem.get(s, 0) + n
+            gone[i] = None
+            chosen.append(i)
         return chosen
 
     def select_removal(self, order: Sequence[int], k: int) -> list[int]:

@@ -42,7 +42,10 @@ from fxoto.shapes import SHAPE
 
 
 def _erased_nodes(space, ids) -> set[str]:
-    return {name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
+    """The operation groups' nodes, and the segments of stems that lose every channel."""
+    segments, _ = space.channel_erasures(ids)
+    return ({name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
+            | {name for s in segments for name in space.segments[s].nodes})
 
 
 def _channel_drops(space, ids) -> dict[str, set[int]]:

@@ -8,7 +8,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import fxoto
-from strategies import chains, valid_removals
+from strategies import chains, supernets, valid_removals
 
 
 def check_exact(model, x, space, ids):
@@ -45,3 +45,20 @@ def test_the_largest_removal_is_exact(net, data):
     space = fxoto.build_space(model, (x,), structures="channels")
     ids = space.greedy_max_removal()
     check_exact(model, x, space, ids)
+
+
+@settings(max_examples=25, deadline=None)
+@given(supernets(), st.sampled_from(["channels", "both"]), st.randoms(use_true_random=False))
+def test_the_greedy_walk_accepts_what_the_validity_check_accepts(net, structures, rnd):
+    """The walk counts channels per stem and checks the dependency graph only where a stem loses
+    its last channel (its segment erased): group by group, the same answers as removal_problem."""
+    model, x = net
+    space = fxoto.build_space(model, (x,), structures=structures)
+    order = list(range(len(space.groups)))
+    rnd.shuffle(order)
+    naive = []
+    for i in order:
+        if space.is_valid_removal(naive + [i]):
+            naive.append(i)
+    assert space.greedy_removal(order) == naive
+    check_exact(model, x, space, naive)

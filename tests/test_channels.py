@@ -96,16 +96,34 @@ def test_all_channels_of_a_layer_cannot_go():
         space.construct_subnet(first)
 
 
-def test_operations_are_unchanged_and_first_in_both():
+def test_operations_first_in_both_and_channels_nest_inside_them():
+    # The operation groups come first, with their ids, segments and nodes; the layers before
+    # the nodes that decide a group's output (the branch's first conv and its batch norm) are
+    # slimmed by channel groups, which hold their variables: the operation group keeps the
+    # rest (the last conv and batch norm), so zeroing it still zeroes the branch.
     ops = fxoto.build_space(Residual(), X)
     both = fxoto.build_space(Residual(), X, structures="both")
     assert [g.kind for g in ops.groups] == ["operation"]
-    assert both.groups[: len(ops.groups)] == ops.groups
+    head = both.groups[: len(ops.groups)]
+    assert [(g.id, g.segment, g.nodes, g.kind) for g in head] == [(g.id, g.segment, g.nodes, g.kind) for g in ops.groups]
+    assert [m.param for m in head[0].members] == ["branch.3.weight", "branch.3.bias", "branch.4.weight", "branch.4.bias"]
+    assert set(head[0].members) < set(ops.groups[0].members)
     channel = both.groups[len(ops.groups):]
-    assert {g.nodes[0] for g in channel} == {"stem_0"} and len(channel) == 8
+    assert sorted({g.nodes[0] for g in channel}) == ["branch_0", "stem_0"] and len(channel) == 16
+    held = {m.param for g in both.groups for m in g.members}
+    assert {"branch.0.weight", "branch.1.weight"} <= held  # in channel groups now
     reasons = {e.nodes[0]: e.reason for e in both.excluded}
-    assert "node 'branch_3' lies in an operation group" in reasons["pre_0"]  # added to the GeZIG's output
-    assert "operation group" in reasons["branch_0"]  # inside the GeZIG: kept whole
+    assert "node 'branch_4' lies in an operation group" in reasons["pre_0"]  # its channels reach the decisive BN
+    assert "operation group" in reasons["branch_3"]  # the decisive conv: kept whole
+
+
+def test_a_block_made_thinner_and_another_erased_is_exact():
+    model = Residual()
+    space = fxoto.build_space(model, X, structures="both")
+    inner = [g.id for g in space.groups if g.kind == "channel" and g.nodes[0] == "branch_0"]
+    assert_exact(space, inner[:5], X)  # the branch keeps 3 of its 8 inner channels
+    space = fxoto.build_space(Residual(), X, structures="both")
+    assert_exact(space, [0] + inner[:7], X)  # the branch erased, inner channels chosen with it
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -452,7 +470,10 @@ def test_random_supernets_mixed_removals_are_exact(data, structures):
     model, x = data.draw(supernets())
     space = fxoto.build_space(model, (x,), structures=structures)
     operations = fxoto.build_space(model, (x,)).groups
-    assert [g for g in space.groups if g.kind == "operation"] == (operations if structures == "both" else [])
+    ours = [g for g in space.groups if g.kind == "operation"]
+    assert [(g.id, g.segment, g.nodes) for g in ours] == \
+        ([(g.id, g.segment, g.nodes) for g in operations] if structures == "both" else [])
+    assert all(set(a.members) <= set(b.members) for a, b in zip(ours, operations))  # nested channels hold the rest
     assert [g.id for g in space.groups] == list(range(len(space.groups)))
     ids = data.draw(valid_removals(space))
     space.zero_(ids)
@@ -478,3 +499,35 @@ def test_search_hands_k_per_kind_to_h2spg():
     s = fxoto.search(Residual(), {"operations": 1, "channels": 3}, X, structures="both")
     assert s.K == 4 and s.K_per_kind == {"operation": 1, "channel": 3}
     assert s.optimizer(total_steps=10).K_per_kind == {"operation": 1, "channel": 3}
+
+
+def test_every_channel_of_a_layer_feeding_concats_erases_its_segment():
+    """A dense layer's growth convolution feeds only concats: all of its channels going erases the
+    dense layer, as its GeZIG would; elsewhere the last channel stays (a clear refusal)."""
+    model = randomize_(DenseNetLike()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert space.layers["layers_1_conv"].segment is not None
+    assert space.layers["conv0"].segment is None  # its channels reach a one-input cat: no joint
+    growth = [g.id for g in space.groups if g.nodes[0] == "layers_1_conv"]
+    assert space.is_valid_removal(growth) and space.channel_erasures(growth)[0] == {space.layers["layers_1_conv"].segment}
+    inner = [g.id for g in space.groups if g.nodes[0] == "layers_0_conv"][:2]
+    sub = assert_exact(space, growth + inner, X)
+    assert not any("layers.1" in name for name, _ in sub.named_modules())
+    assert sub.get_submodule("norm5").num_features == 13 - 3 - 2
+    first = [g.id for g in space.groups if g.nodes[0] == "conv0"]
+    assert "its channels do not end at concat joints" in space.removal_problem(first)
+    with pytest.raises(InvalidRemovalError, match="all 4 output channels of node 'conv0'"):
+        space.construct_subnet(first)
+    walk = space.greedy_removal(range(len(space.groups)))
+    assert set(growth) <= set(walk) and not set(first) <= set(walk)
+    assert space.is_valid_removal(walk)
+
+
+def test_every_channel_of_a_layer_inside_an_erased_operation_group():
+    space = fxoto.build_space(randomize_(Residual()).eval(), X, structures="both")
+    inner = [g.id for g in space.groups if g.kind == "channel" and g.nodes[0] == "branch_0"]
+    if not inner:
+        pytest.skip("channel groups do not nest inside operation groups")
+    assert "all 8 output channels of node 'branch_0'" in space.removal_problem(inner)
+    assert space.is_valid_removal([0] + inner)  # erased with the branch: nothing left to keep
+    assert_exact(space, [0] + inner, X)
