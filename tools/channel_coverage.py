@@ -5,7 +5,7 @@ For each torchvision classification model (random values, eval, one small input 
 channel) pairs that some group removes, over the Conv and Linear layers.
 
 * fxoto: the rows held by the channel groups of ``fxoto.build_space(model, x,
-  structures="channels")``, beside the number of groups (a channel coupled through an add
+  structures="channels")`` and the entries of depthwise convolutions they slice, beside the number of groups (a channel coupled through an add
   is one group holding a row of each stem; a grouped convolution's group goes whole) and of
   layers;
 * torch-pruning: the output channels removed by the pruning groups of
@@ -52,12 +52,17 @@ _NAMED = re.compile(r"'[^']*' \(([^)]*)\)")  # "'add_3' (add)" -> "add"
 def fxoto_channels(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, dict[str, tuple[int, int]]]:
     """Layer channels in groups, channel groups, their layers, and the set-aside layers: reason -> (layers, channels).
 
-    Layer channels: the (stem, output channel) pairs that some channel group holds.
+    Layer channels: the (layer, output channel) pairs that some channel group holds: its stems'
+    rows, and the entries of a depthwise convolution on the way (a layer of its own, which
+    torch-pruning counts as one).
     """
     space = fxoto.build_space(model, (x,), structures="channels")
     ids = [g.id for g in space.groups if g.kind == "channel"]
-    channels = len({row for i in ids for row in space.slices[i].rows})
     nodes = {n.name: n for n in space.graph.nodes}
+    layers = {name for name, n in nodes.items() if n.op == "call_module"
+              and isinstance(model.get_submodule(n.target), (nn.Linear, nn.modules.conv._ConvNd))}
+    channels = len({row for i in ids for row in space.slices[i].rows}
+                   | {entry for i in ids for entry in space.slices[i].entries if entry[0] in layers})
     why: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in space.excluded:
         reason = _NAMED.sub(r"\1", e.reason.removeprefix("channels: ")).split(": ")[0]
