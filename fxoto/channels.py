@@ -442,22 +442,28 @@ def _channels(walk: _Walk):
         if why[s] is not None:
             for c in range(width[s]):
                 tainted.setdefault(find(b + c), why[s])
+    # By class: the stems' rows and the member entries (node, channel), every entry and
+    # every reader's columns by node name (as ChannelSlice holds them).
     rows: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
-    entries: dict[int, list[tuple[fx.Node, int, bool]]] = defaultdict(list)
-    columns: dict[int, list[tuple[fx.Node, int, int]]] = defaultdict(list)
+    held: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
+    entries: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    columns: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
     for stem in walk.stems:
         at = first(stem)
         for c in range(width[walk.root_of(stem)]):
             rows[find(at + c)].append((stem, c))
     for holder, member in walk.holders:
-        at = first(holder)
+        at, name = first(holder), holder.name
         for c in range(width[walk.root_of(holder)]):
-            entries[find(at + c)].append((holder, c, member))
+            r = find(at + c)
+            entries[r].append((name, c))
+            if member:
+                held[r].append((holder, c))
     for reader, x in walk.readers:
-        at, block = first(x), walk.block[x]
+        at, block, name = first(x), walk.block[x], reader.name
         for c in range(width[walk.root_of(x)]):
-            columns[find(at + c)].append((reader, c * block, block))
-    return rows, entries, columns, tainted
+            columns[find(at + c)].append((name, c * block, block))
+    return rows, held, entries, columns, tainted
 
 
 def find_channel_groups(
@@ -490,7 +496,7 @@ def _collector_paused():
 
 def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
     walk = _Walk(graph, root, taken)
-    rows, entries, columns, tainted = _channels(walk)
+    rows, held, entries, columns, tainted = _channels(walk)
     order = {n: i for i, n in enumerate(graph.nodes)}
     # Per node whose entries are members: (parameter name, elements per channel) of its variables.
     per_row = {node: [(name, p.numel() // p.shape[0]) for name, p in own_parameters(node, root)]
@@ -506,23 +512,18 @@ def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
                 lost[stem].append(tainted[r])
             continue
         members: list[Member] = []
-        nodes: dict[str, None] = {}
         numel = 0
-        held = [(node, c) for node, c, member in entries[r] if member]
-        for node, c in rows[r] + held:
+        for node, c in rows[r] + held[r]:
             for name, n in per_row[node]:
                 members.append(Member(name, 0, c, c + 1))
                 numel += n
-        for node, c in rows[r]:
-            nodes[node.name] = None
+        cut = [(node.name, c) for node, c in rows[r]]
+        for node, _ in rows[r]:
             kept[node] += 1
-        for node, _, _ in entries[r]:
-            nodes[node.name] = None
+        nodes = tuple(dict.fromkeys([name for name, _ in cut] + [name for name, _ in entries[r]]))
         gid = first_id + len(groups)
-        groups.append(GeZIG(gid, -1, tuple(nodes), tuple(members), numel, kind="channel"))
-        slices[gid] = ChannelSlice(tuple((n.name, c) for n, c in rows[r]),
-                                   tuple((n.name, c) for n, c, _ in entries[r]),
-                                   tuple((n.name, lo, k) for n, lo, k in columns[r]))
+        groups.append(GeZIG(gid, -1, nodes, tuple(members), numel, kind="channel"))
+        slices[gid] = ChannelSlice(tuple(cut), tuple(entries[r]), tuple(columns[r]))
     excluded = []
     for stem in walk.stems:
         if stem in lost or not kept[stem]:
