@@ -35,9 +35,9 @@ stem.  With ``structures="both"`` a stem or per-channel module inside an
 operation group taints its space, so that the groups of both kinds stay
 disjoint (H2SPG moves each variable for one group).
 
-Transposed convolutions read channels (their input columns are sliced) but are
-no stems here: their output channels are weight columns (dim 1), which H2SPG
-moves per row only.
+A transposed convolution's output channel ``c`` is its weight's slice ``[:, c]``
+(a member along dim 1); its input channels are weight rows (dim 0), sliced as
+any reader's columns.
 """
 
 from __future__ import annotations
@@ -129,9 +129,6 @@ def _stem_problem(node: fx.Node, root: nn.Module) -> str | None:
     m = submodule(root, node.target)
     if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
         return f"a stem of type {type(m).__name__}: only Conv and Linear modules are slimmed"
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return ("a transposed convolution: its output channels are weight columns, which H2SPG does not "
-                "move per channel")
     return None
 
 
@@ -498,9 +495,14 @@ def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
     walk = _Walk(graph, root, taken)
     rows, held, entries, columns, tainted = _channels(walk)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    # Per node whose entries are members: (parameter name, elements per channel) of its variables.
-    per_row = {node: [(name, p.numel() // p.shape[0]) for name, p in own_parameters(node, root)]
-               for node in [*walk.stems, *(h for h, member in walk.holders if member)]}
+    # Per node whose entries are members: (parameter name, dim, elements per channel) of its variables
+    # (a transposed convolution's weight holds its output channels along dim 1).
+    per_row = {}
+    for node in [*walk.stems, *(h for h, member in walk.holders if member)]:
+        transposed = node.op == "call_module" and isinstance(submodule(root, node.target),
+                                                              nn.modules.conv._ConvTransposeNd)
+        per_row[node] = [(name, d, p.numel() // p.shape[d]) for name, p in own_parameters(node, root)
+                         for d in [1 if transposed and p.dim() > 1 else 0]]
     groups: list[GeZIG] = []
     slices: dict[int, ChannelSlice] = {}
     lost: dict[fx.Node, list[str]] = defaultdict(list)
@@ -514,8 +516,8 @@ def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
         members: list[Member] = []
         numel = 0
         for node, c in rows[r] + held[r]:
-            for name, n in per_row[node]:
-                members.append(Member(name, 0, c, c + 1))
+            for name, d, n in per_row[node]:
+                members.append(Member(name, d, c, c + 1))
                 numel += n
         cut = [(node.name, c) for node, c in rows[r]]
         for node, _ in rows[r]:

@@ -71,9 +71,10 @@ def _slice_stem(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     """Drop a stem's output channels: its weight rows and bias entries (a grouped
     convolution loses whole groups, its input channels with them)."""
     module = gm.get_submodule(node.target)
-    keep = _keep(module.weight.shape[0], drop, module.weight.device)
-    for name in ("weight", "bias"):
-        _slice_param(module, name, 0, keep)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight [in, out, ...]
+    keep = _keep(module.weight.shape[1 if transposed else 0], drop, module.weight.device)
+    _slice_param(module, "weight", 1 if transposed else 0, keep)
+    _slice_param(module, "bias", 0, keep)
     if isinstance(module, nn.Linear):
         module.out_features = len(keep)
         return

@@ -302,14 +302,34 @@ class Unsupported(nn.Module):
 def test_unsupported_layers_are_set_aside_with_a_reason():
     model = randomize_(Unsupported()).eval()
     space = fxoto.build_space(model, X, structures="channels")
-    assert [g.nodes[0] for g in space.groups] == ["a"] * 8  # the transposed convolution reads them
+    assert [g.nodes[0] for g in space.groups] == ["a"] * 8 + ["up"] * 8
+    assert [str(m) for m in space.groups[9].members] == ["up.weight[:, 1:2]", "up.bias[1:2]"]  # [in, out, k, k]
     reasons = {e.nodes[0]: e.reason for e in space.excluded}
-    assert "transposed convolution" in reasons["up"]
     assert "layer norm over the channels" in reasons["b"]
     assert "not zero-invariant: 'sigmoid'" in reasons["c"]
     assert "graph output" in reasons["d"]
-    assert len(reasons) == len(space.excluded) == 4
-    assert_exact(space, [0, 3], X)
+    assert len(reasons) == len(space.excluded) == 3
+    sub = assert_exact(space, [0, 3, 9, 10, 15], X)
+    assert sub.get_submodule("up").weight.shape[:2] == (6, 5) and sub.get_submodule("b").in_channels == 5
+
+
+def test_h2spg_over_transposed_convolution_channels():
+    """A transposed convolution's output channels are weight slices along dim 1: H2SPG zeroes them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*conv_bn_relu(3, 6), nn.ConvTranspose2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 16, 10))
+    s = fxoto.search(model, {"channels": 0.5}, X, structures="channels")
+    assert any(m.dim == 1 for g in s.space.groups for m in g.members)
+    opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
+    g = train_eight_steps(model, opt)
+    assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 6
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        sub = s.subnet()
+        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    assert size(sub) < size(model)
 
 
 def test_k_per_kind():
