@@ -35,6 +35,9 @@ stem.  With ``structures="both"`` a stem or per-channel module inside an
 operation group taints its space, so that the groups of both kinds stay
 disjoint (H2SPG moves each variable for one group).
 
+Removing every channel of a stem erases its segment where that is exact
+(``ChannelLayer.segment``, DESIGN 4), and is refused elsewhere.
+
 A transposed convolution's output channel ``c`` is its weight's slice ``[:, c]``
 (a member along dim 1); its input channels are weight rows (dim 0), sliced as
 any reader's columns.
