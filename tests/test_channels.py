@@ -551,3 +551,43 @@ def test_every_channel_of_a_layer_inside_an_erased_operation_group():
     assert "all 8 output channels of node 'branch_0'" in space.removal_problem(inner)
     assert space.is_valid_removal([0] + inner)  # erased with the branch: nothing left to keep
     assert_exact(space, [0] + inner, X)
+
+
+class TokenMLP(nn.Module):
+    """A transformer's MLP on [N, T, D] tokens: the hidden features lie on the last dim."""
+
+    def __init__(self, d=6, hidden=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d, 2, 2)
+        self.fc1, self.fc2, self.head = nn.Linear(d, hidden), nn.Linear(hidden, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.fc2(F.gelu(self.fc1(t)))
+        return self.head(t.mean(1))
+
+
+def test_linear_over_tokens_slims_its_hidden_features():
+    model = randomize_(TokenMLP()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    assert [g.nodes[0] for g in space.groups] == ["fc1"] * 8
+    assert space.slices[3].columns == (("fc2", 3, 1),)
+    reasons = {e.nodes[0]: e.reason for e in space.excluded}
+    assert "'flatten'" in reasons["embed"] and "graph output" in reasons["head"]  # flatten(2): no block
+    sub = assert_exact(space, [0, 2, 3, 7], X)
+    assert sub.get_submodule("fc1").out_features == sub.get_submodule("fc2").in_features == 4
+
+
+@pytest.mark.parametrize("affine, stats", [(True, False), (False, False), (True, True), (False, True)])
+def test_instance_norms(affine, stats):
+    model = randomize_(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.InstanceNorm2d(6, affine=affine,
+                                                                                    track_running_stats=stats),
+                                     nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 64, 2)).eval())
+    space = fxoto.build_space(model, X, structures="channels")
+    if stats and not affine:  # eval mode: maps a zero channel to -mean/std
+        assert "uses running statistics and has no affine variables" in space.excluded[0].reason
+        return
+    first = [g for g in space.groups if g.nodes[0] == "_0"]
+    assert len(first) == 6 and len(first[0].members) == (4 if affine else 2)
+    sub = assert_exact(space, [g.id for g in first[:4]], X)
+    assert sub.get_submodule("1").num_features == 2
