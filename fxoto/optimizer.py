@@ -87,6 +87,7 @@ class GroupStats(NamedTuple):
     xv: Tensor  # x_g . v_g
     vv: Tensor  # ||v_g||^2
     numel: Tensor  # n_g, the group's number of variables
+    layer: Tensor | None = None  # long: 0 for every operation group, 1 + its layer for a channel group
 
 
 ScoreFn = Callable[[GroupStats], Tensor]
@@ -117,8 +118,25 @@ def redundancy_score(stats: GroupStats) -> Tensor:
     magnitude (RMS, not ||x_g|| / n_g) and in reading the gradient rather than the
     optimizer's direction; ``tools/ablate_h2spg.py`` measures both.
     """
-    magnitude = (stats.xx / stats.numel).sqrt()
+    magnitude = _within_layer((stats.xx / stats.numel).sqrt(), stats.layer)
     return _unit(_cosine(stats)) + _unit(1.0 / magnitude.clamp_min(1e-12))
+
+
+def _within_layer(magnitude: Tensor, layer: Tensor | None) -> Tensor:
+    """Each group's magnitude over the mean magnitude of its layer (``GroupStats.layer``).
+
+    Layers are initialised at different scales (by fan-in), so raw magnitudes would rank
+    the channels of a wide linear layer below every convolution's and slim it to one
+    channel; within a layer, channels compare with each other.  The operation groups form
+    one layer, where dividing by one mean changes nothing after ``_unit``.
+    """
+    if layer is None:
+        return magnitude
+    n = layer.numel() + 1  # at least the number of layers, known without reading the device
+    sums = torch.zeros(n, dtype=magnitude.dtype, device=magnitude.device).index_add_(0, layer, magnitude)
+    counts = torch.zeros(n, dtype=magnitude.dtype, device=magnitude.device).index_add_(
+        0, layer, torch.ones_like(magnitude))
+    return magnitude / (sums / counts.clamp_min(1.0)).clamp_min(1e-300)[layer]
 
 
 redundancy_score.on = "gradient"
@@ -445,6 +463,10 @@ class H2SPG(Optimizer):
         self._lambda = torch.zeros(n, **vec)
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first non-finite: step, param
         self._all = self._plan(range(n), "all")
+        layers = {name: i + 1 for i, name in enumerate(dict.fromkeys(g.nodes[0] for g in space.groups
+                                                                     if g.kind == "channel"))}
+        self._layer = torch.tensor([layers.get(g.nodes[0], 0) if g.kind == "channel" else 0 for g in space.groups],
+                                   dtype=torch.long).to(self.device)
         self._hot: _Plan | None = None
         self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
@@ -728,7 +750,7 @@ class H2SPG(Optimizer):
     def _score(self, plan: _Plan, rows: Tensor) -> Tensor:
         """Line 6 from the rows' inner products: the score function on the group sums."""
         xx, xv, vv = self._group_sums(plan, rows).unbind(1)
-        s = torch.as_tensor(self.score_fn(GroupStats(xx, xv, vv, plan.numel)))
+        s = torch.as_tensor(self.score_fn(GroupStats(xx, xv, vv, plan.numel, self._layer)))
         return s.to(self.device, torch.float64).reshape(-1)
 
     def _score_now(self) -> Tensor:
@@ -812,10 +834,13 @@ class H2SPG(Optimizer):
                     raise ValueError(f"parameter '{self._names.get(key, '?')}' holds GeZIG members along dims {dim} "
                                      f"and {part.dim}: H2SPG slices a parameter along one dim")
                 rows[part.start:part.start + part.length] = [g] * part.length
-        both = whole.keys() & sliced.keys()
-        if both:
-            raise ValueError(f"parameter '{self._names.get(both.pop(), '?')}' is a whole GeZIG member and holds "
-                             f"slices of other GeZIGs: the groups must be disjoint")
+        # A parameter both whole in one group and sliced in others (a norm after a concat
+        # that also lies in a later segment's group): each row goes to the group holding it
+        # as a slice, the other rows to the group holding the whole parameter.
+        for key in whole.keys() & sliced.keys():
+            _, owner = whole.pop(key)
+            rows = sliced[key][2]
+            rows[:] = [owner if g == n else g for g in rows]
         params = [p for p, _ in whole.values()] + [p for p, _, _ in sliced.values()]
         row_group = [g for _, g in whole.values()]
         offsets = list(range(len(whole)))
@@ -1111,6 +1136,7 @@ class H2SPG(Optimizer):
         super().load_state_dict(state_dict)
         self._locate()
         self._all = self._plan(range(len(self._parts)), "all")
+        self._layer = self._layer.to(self.device)
         self._copies = {}
         self.K_per_kind = h.get("K_per_kind")
         for key in ("K", "warmup_steps", "pruning_steps", "lambda_rule", "omega", "epsilon", "lambda0",

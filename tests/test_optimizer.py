@@ -84,6 +84,21 @@ def test_redundancy_score_by_hand():
     assert s[0] > s[1]
 
 
+def test_redundancy_score_compares_channels_within_their_layer():
+    # Two layers of channel groups initialised at scales 10x apart, and two operation groups:
+    # with the layers given, a channel's magnitude counts against its own layer's mean, so the
+    # small layer is not ranked wholesale below the large one; operations are one layer.
+    f64 = dict(dtype=torch.float64)
+    rms = torch.tensor([1.0, 2.0, 10.0, 20.0, 3.0, 6.0], **f64)
+    stats = GroupStats(xx=rms.square(), xv=torch.zeros(6, **f64), vv=torch.ones(6, **f64),
+                       numel=torch.ones(6, **f64), layer=torch.tensor([1, 1, 2, 2, 0, 0]))
+    s = redundancy_score(stats)
+    assert torch.allclose(s[0], s[2]) and torch.allclose(s[1], s[3]) and torch.allclose(s[4], s[2])
+    assert s[0] > s[1]
+    flat = redundancy_score(stats._replace(layer=None))  # raw magnitudes: the small layer first
+    assert flat[0] > flat[1] > flat[2] > flat[3]
+
+
 def test_reference_score_by_hand():
     # The OTO code's form: magnitude ||x_g|| / n_g, halves weighted 0.5.  Group a: ||x|| = 1 over
     # 1 variable; group b: ||x|| = 4 over 8 variables: ||x|| / n is 1 against 1/2, so b is the

@@ -101,9 +101,6 @@ def train_one(name: str, optimizer: str, train, test, *, epochs: int, batch_size
         row.update(structures="", K="", zeroed={}, net=model, diff=None)
     else:
         search = fxoto.search(model, K, (EXAMPLE,), structures="both")
-        # Search keeps K as target_k's count and hands H2SPG that count, which loses the
-        # per-kind dict (one ranking over both kinds); give H2SPG the dict itself.
-        search.K = K
         search.optimizer(lr=lr, total_steps=epochs * len(loader))
         search.fit(loader, nn.CrossEntropyLoss(), epochs, progress=False)
         model.eval()
