@@ -11,13 +11,16 @@ wherever they go, found in two passes.
    channel is then a block of columns), per-channel modules (batch norm with
    affine variables, instance norm, per-channel PReLU, depthwise convolutions,
    group norm) and ``add`` joints, whose inputs and output all share one space
-   (channel ``c`` of every input of an ``add`` is one channel).  A ``Linear``
+   (channel ``c`` of every input of an ``add`` is one channel), and products
+   ``x * s`` by a per-channel gate ``s`` (squeeze-and-excitation), which carry
+   ``x``'s channels.  A ``Linear``
    over more than two dims has its features on the last dim, followed through
    elementwise ops to the linear layers that read them.
 2. Channels (``_channels``).  A union-find over the spaces' channels joins
    what the spaces alone cannot: channel ``c`` of an input entering a ``cat``
    along the channels at offset ``o`` is channel ``o + c`` of the ``cat``; the
-   channels of one group of a group norm go together; the input and output
+   channels of one group of a group norm go together; a gate's channel ``c``
+   goes with the channel ``c`` it scales; the input and output
    channels of one group of a grouped convolution go together (its weight rows
    of that group join the group: the channels it reads are gone).
 
@@ -143,6 +146,8 @@ class _Walk:
         self.spaces = _UnionFind()
         self.width: list[int] = []  # by space
         self.why: list[str | None] = []  # the first taint, by space (read at the root)
+        self.zero_why: list[str | None] = []  # the first op on the way that does not keep a zero channel zero
+        self.gates: list[tuple[fx.Node, fx.Node]] = []  # (product x * s, its gate s): see gate()
         self.space: dict[fx.Node, int] = {}
         self.dim: dict[fx.Node, int] = {}  # the channel dim of each tensor
         self.block: dict[fx.Node, int] = {}  # positions per channel along it (H*W after a flatten)
@@ -169,6 +174,7 @@ class _Walk:
             if node.name in taken:
                 self.taint(node, f"node '{node.name}' lies in an operation group: kept whole so that the groups "
                                  f"of both kinds stay disjoint")
+        self.settle_zero_taints()
 
     # -- spaces ----------------------------------------------------------------------------
     def root_of(self, node: fx.Node) -> int:
@@ -180,6 +186,7 @@ class _Walk:
         self.space[node] = self.spaces.add(1)
         self.width.append(shape[dim] if tensor else 0)
         self.why.append(why if tensor or why else "no tensor with channels")
+        self.zero_why.append(None)
         self.dim[node] = dim % len(shape) if tensor else 1
         self.block[node] = 1
 
@@ -196,11 +203,30 @@ class _Walk:
         ra, rb = self.root_of(a), self.root_of(b)
         r = self.spaces.union(ra, rb)
         self.why[r] = self.why[ra] or self.why[rb]
+        self.zero_why[r] = self.zero_why[ra] or self.zero_why[rb]
 
     def taint(self, node: fx.Node, why: str) -> None:
         r = self.root_of(node)
         if self.why[r] is None:
             self.why[r] = why
+
+    def not_zero_invariant(self, node: fx.Node, why: str) -> None:
+        """A taint that matters only where the channels' zero is needed: not in a gate (see ``gate``)."""
+        r = self.root_of(node)
+        if self.zero_why[r] is None:
+            self.zero_why[r] = f"not zero-invariant: {why}"
+
+    def settle_zero_taints(self) -> None:
+        """A space whose channels reach anything but its own nodes and gates needs its zero."""
+        gates = set(self.gates)
+        for node in self.space:
+            r = self.root_of(node)
+            if self.zero_why[r] is None or self.why[r] is not None:
+                continue
+            for u in users(node):
+                if (u, node) not in gates and (u not in self.space or self.root_of(u) != r):
+                    self.why[r] = self.zero_why[r]
+                    break
 
     def opaque(self, node: fx.Node, why: str) -> None:
         """Channels go into ``node`` and are lost: every input tainted, its output a tainted space of its own."""
@@ -234,12 +260,36 @@ class _Walk:
             self.add(node, ins)
         elif rule.role is Role.STEM:
             self.stem(node, ins, module, rule)
+        elif len(ins) == 2 and rule.channel is Channel.ELEMENTWISE and self.gate(node, ins):
+            pass
         elif len(ins) != 1:
             self.opaque(node, "which combines them with another tensor (only an add, a concat or a stem may)")
         elif module is not None and isinstance(module, _NORMS):
             self.norm(node, ins[0], module)
         else:
             self.accessory(node, ins[0], rule, module)
+
+    def gate(self, node: fx.Node, ins: list[fx.Node]) -> bool:
+        """``x * s`` with ``s`` one value per channel (a squeeze-and-excitation's scale, [N, C, 1, 1]).
+
+        Channel c of the product is zero when ``x``'s is, whatever ``s``'s: the product
+        carries ``x``'s channels, and ``s``'s channel c goes with them (its stem's row is
+        sliced; zeroed too, harmlessly), so ``s`` need not map zero to zero.  True when
+        the node is such a product.
+        """
+        shape = node.meta[SHAPE]
+        if node.op not in ("call_function", "call_method") or getattr(node.target, "__name__", node.target) not in (
+                "mul", "mul_") or not isinstance(shape, torch.Size) or len(shape) < 3:
+            return False
+        for x, gate in (ins, ins[::-1]):
+            g = gate.meta[SHAPE]
+            if (x.meta[SHAPE] == shape and isinstance(g, torch.Size) and len(g) == len(shape) and g[1] == shape[1]
+                    and all(n == 1 for n in g[2:]) and g[0] in (1, shape[0])
+                    and self.dim[x] == self.dim[gate] == 1 and self.block[x] == self.block[gate] == 1):
+                self.join(node, x)
+                self.gates.append((node, gate))
+                return True
+        return False
 
     def cat(self, node: fx.Node) -> None:
         inputs = node.args[0] if node.args else None
@@ -327,10 +377,10 @@ class _Walk:
         if isinstance(m, nn.GroupNorm):
             self.tied.append((node, m.num_channels // m.num_groups))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not affine:
-            self.taint(node, f"not zero-invariant: {what} has no affine variables and maps zero to -mean/std")
+            self.not_zero_invariant(node, f"{what} has no affine variables and maps zero to -mean/std")
             return
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and stats and not affine:
-            self.taint(node, f"not zero-invariant: {what} uses running statistics and has no affine variables")
+            self.not_zero_invariant(node, f"{what} uses running statistics and has no affine variables")
             return
         self.holders.append((node, affine))
         if (why := self.shared(node)) is not None:
@@ -367,10 +417,10 @@ class _Walk:
             self.opaque(node, f"which moves or mixes channels in a way fxoto does not follow ({kind.value})")
             return
         if rule.zero is Zero.BREAKS:
-            self.taint(node, f"not zero-invariant: {what} does not map zero to zero")
+            self.not_zero_invariant(node, f"{what} does not map zero to zero")
         elif rule.zero is Zero.OWN_VARIABLES:
-            self.taint(node, f"not zero-invariant: {what} maps zero to zero only when its own variables are "
-                             f"zero, and they are not per channel")
+            self.not_zero_invariant(node, f"{what} maps zero to zero only when its own variables are zero, "
+                                          f"and they are not per channel")
         elif module is None and own_parameters(node, self.root):
             varies = [f for f in node.meta.get(FACTORS, ()) if _factor_channel(f, in_shape, dim) is not None]
             if varies or not node.meta.get(FACTORS):
@@ -433,6 +483,10 @@ def _channels(walk: _Walk):
                 union(at + j * ki, at + c)
             for c in range(j * ko, (j + 1) * ko):
                 union(at + j * ki, out + c)
+    for product, gate in walk.gates:
+        at, out = first(gate), first(product)
+        for c in range(gate.meta[SHAPE][1]):
+            union(at + c, out + c)
     for norm, size in walk.tied:
         at = first(norm)
         for c in range(walk.width[walk.root_of(norm)]):

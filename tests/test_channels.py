@@ -306,7 +306,7 @@ def test_unsupported_layers_are_set_aside_with_a_reason():
     assert [str(m) for m in space.groups[9].members] == ["up.weight[:, 1:2]", "up.bias[1:2]"]  # [in, out, k, k]
     reasons = {e.nodes[0]: e.reason for e in space.excluded}
     assert "layer norm over the channels" in reasons["b"]
-    assert "not zero-invariant: 'sigmoid'" in reasons["c"]
+    assert "'mul' (mul), which combines them with another tensor" in reasons["c"]  # sigmoid(x) * x: no gate
     assert "graph output" in reasons["d"]
     assert len(reasons) == len(space.excluded) == 3
     sub = assert_exact(space, [0, 3, 9, 10, 15], X)
@@ -591,3 +591,29 @@ def test_instance_norms(affine, stats):
     assert len(first) == 6 and len(first[0].members) == (4 if affine else 2)
     sub = assert_exact(space, [g.id for g in first[:4]], X)
     assert sub.get_submodule("1").num_features == 2
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision's inverted residual with squeeze-and-excitation: x * sigmoid(fc2(relu(fc1(pool(x)))))."""
+
+    def __init__(self, c=6, squeeze=3):
+        super().__init__()
+        self.expand, self.bn = nn.Conv2d(3, c, 1), nn.BatchNorm2d(c)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.project = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = F.silu(self.bn(self.expand(x)))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.project(scale * x).mean((2, 3))
+
+
+def test_squeeze_and_excitation_gates_go_with_the_channels_they_scale():
+    model = randomize_(SqueezeExcite()).eval()
+    space = fxoto.build_space(model, X, structures="channels")
+    expand = [space.slices[g.id] for g in space.groups if g.nodes[0] == "expand"]
+    assert len(expand) == 6 and expand[2].rows == (("expand", 2), ("fc2", 2))  # the gate's row goes too
+    assert sorted(expand[2].columns) == [("fc1", 2, 1), ("project", 2, 1)]
+    assert [g.nodes[0] for g in space.groups if g.nodes[0] != "expand"] == ["fc1"] * 3
+    sub = assert_exact(space, [0, 2, 3, 6], X)
+    assert sub.get_submodule("fc2").out_channels == sub.get_submodule("project").in_channels == 3
