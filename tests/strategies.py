@@ -256,7 +256,7 @@ def valid_removals(draw, space) -> list[int]:
 class Layer:
     """One layer of a chain: ``kind`` with ``out`` channels; ``arg`` its variant (see ``_layer_module``)."""
 
-    kind: str  # "conv", "grouped", "depthwise", "transposed", "norm", "act", "pool", "prelu", "again"
+    kind: str  # "conv", "grouped", "depthwise", "transposed", "norm", "act", "pool", "prelu", "again", "gate"
     out: int
     arg: str | int = ""
     twice: bool = False  # a square convolution called again on its own output (a shared layer)
@@ -275,6 +275,18 @@ class ChainSpec:
 NORMS = ("bn", "gn", "in", "in_affine", "in_stats", "in_affine_stats", "bn_plain")
 
 
+class Gate(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(fc2(relu(fc1(pool(x)))))`` (``arg``: the squeezed width)."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x):
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(nn.functional.relu(self.fc1(pooled))))
+
+
 def _layer_module(layer: Layer, c: int) -> nn.Module:
     if layer.kind in ("conv", "grouped", "depthwise"):
         groups = {"conv": 1, "grouped": layer.arg, "depthwise": c}[layer.kind]
@@ -287,6 +299,8 @@ def _layer_module(layer: Layer, c: int) -> nn.Module:
         return nn.MaxPool2d(3, 1, 1)
     if layer.kind == "prelu":
         return nn.PReLU(c)
+    if layer.kind == "gate":
+        return Gate(c, layer.arg)
     kind, groups = (layer.arg, 1) if isinstance(layer.arg, str) else ("gn", layer.arg)
     if kind == "gn":
         return nn.GroupNorm(groups, c)
@@ -335,7 +349,7 @@ def chain_specs(draw, max_layers: int = 7, max_width: int = 6) -> ChainSpec:
     convs: list[int] = []  # indices of square convolutions (called again by "again")
     for _ in range(draw(st.integers(1, max_layers))):
         kind = draw(st.sampled_from(["conv", "conv", "grouped", "depthwise", "transposed", "norm", "norm", "act",
-                                     "pool", "prelu", "again"]))
+                                     "pool", "prelu", "again", "gate"]))
         divisors = [d for d in range(2, c + 1) if c % d == 0]
         fits = [i for i in convs if layers[i].out == c]
         if kind == "grouped" and divisors:
@@ -349,6 +363,8 @@ def chain_specs(draw, max_layers: int = 7, max_width: int = 6) -> ChainSpec:
             layer = Layer("act", c, draw(st.sampled_from(sorted(ACTIVATIONS))))
         elif kind in ("pool", "prelu"):
             layer = Layer(kind, c)
+        elif kind == "gate":
+            layer = Layer("gate", c, draw(st.integers(1, 3)))
         elif kind == "again" and fits:
             layer = Layer("again", c, draw(st.sampled_from(fits)))
         else:

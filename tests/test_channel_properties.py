@@ -1,6 +1,6 @@
 """Channel groups over random plain chains (tests/strategies.py ``chains``): grouped, depthwise and
-transposed convolutions, batch / group / instance / layer norms, shared layers, flatten-linear and
-token heads.  The promise: a random valid removal gives a sub-network equal to the zeroed
+transposed convolutions, batch / group / instance / layer norms, squeeze-and-excitation gates, shared
+layers, flatten-linear and token heads.  The promise: a random valid removal gives a sub-network equal to the zeroed
 super-network and strictly smaller; a stem whose channels form no group says why."""
 
 import torch
