@@ -4,25 +4,23 @@
 channels that must be zero together for all of them to carry exact zeros
 wherever they go, found in two passes.
 
-1. Channel spaces (``_walk``).  Tensors whose channel ``c`` is the same
-   channel share a space: the output of a stem (a ``Conv1d/2d/3d`` or a
-   ``Linear``, called once) and everything that keeps its channels in place:
-   zero-preserving elementwise ops, pooling, a flatten into a linear layer (one
-   channel is then a block of columns), per-channel modules (batch norm with
-   affine variables, instance norm, per-channel PReLU, depthwise convolutions,
-   group norm) and ``add`` joints, whose inputs and output all share one space
-   (channel ``c`` of every input of an ``add`` is one channel), and products
-   ``x * s`` by a per-channel gate ``s`` (squeeze-and-excitation), which carry
-   ``x``'s channels.  A ``Linear``
-   over more than two dims has its features on the last dim, followed through
-   elementwise ops to the linear layers that read them.
+1. Channel spaces (``_Walk``).  Tensors whose channel ``c`` is the same
+   channel share a space: the output of a stem (a ``Conv1d/2d/3d``, transposed
+   or not, or a ``Linear``, called once) and everything that keeps its channels
+   in place: zero-preserving elementwise ops, pooling, a flatten into a linear
+   layer (one channel is then a block of columns), per-channel modules (batch,
+   instance and group norms, per-channel PReLU, depthwise convolutions), ``add``
+   joints, whose inputs and output all share one space (channel ``c`` of every
+   input of an ``add`` is one channel), and products ``x * s`` by a per-channel
+   gate ``s`` (squeeze-and-excitation), which carry ``x``'s channels.  A
+   ``Linear`` over more than two dims has its features on the last dim.
 2. Channels (``_channels``).  A union-find over the spaces' channels joins
    what the spaces alone cannot: channel ``c`` of an input entering a ``cat``
    along the channels at offset ``o`` is channel ``o + c`` of the ``cat``; the
    channels of one group of a group norm go together; a gate's channel ``c``
-   goes with the channel ``c`` it scales; the input and output
-   channels of one group of a grouped convolution go together (its weight rows
-   of that group join the group: the channels it reads are gone).
+   goes with the channel ``c`` it scales; the input and output channels of one
+   group of a grouped convolution go together (its weight rows of that group
+   join the group: the channels it reads are gone).
 
 A group holds the rows of every stem that produces its channels (weight row and
 bias entry) and the entries of every per-channel variable whose zero is needed
@@ -34,9 +32,11 @@ walk with the op table, as for GeZIGs.  A space whose channels go anywhere else
 channels, a product of two activations, a functional or shared stem) is
 *tainted*: its channels form no group, and each stem that loses channels to a
 taint is set aside in ``SearchSpace.excluded`` with the reason, one entry per
-stem.  With ``structures="both"`` a stem or per-channel module inside an
-operation group taints its space, so that the groups of both kinds stay
-disjoint (H2SPG moves each variable for one group).
+stem.  A taint of zero-invariance (a sigmoid) counts only where the space's zero
+is needed: not in a gate.  With ``structures="both"`` a stem or per-channel
+module among the nodes an operation group keeps whole (``taken``) taints its
+space, so that the groups of both kinds stay disjoint (H2SPG moves each
+variable for one group).
 
 Removing every channel of a stem erases its segment where that is exact
 (``ChannelLayer.segment``, DESIGN 4), and is refused elsewhere.
@@ -525,8 +525,8 @@ def find_channel_groups(
 ) -> tuple[list[GeZIG], list[Exclusion], dict[str, ChannelLayer], dict[int, ChannelSlice]]:
     """One group per channel (see module docstring), ids from ``first_id`` (operation groups come first).
 
-    ``taken``: nodes of operation groups; a stem or per-channel module among them
-    taints its channels, so that the groups of both kinds stay disjoint.
+    ``taken``: nodes the operation groups keep whole; a stem or per-channel module
+    among them taints its channels, so that the groups of both kinds stay disjoint.
     Returns the groups, the stems set aside (one ``Exclusion`` each, with the
     reason), the stems whose channels lie in groups, and what each group slices.
     """
