@@ -71,14 +71,6 @@ def fxoto_channels(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int, di
     return channels, len(ids), len(space.layers), {r: (n, c) for r, (n, c) in why.items()}
 
 
-class _TimedOut(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise _TimedOut
-
-
 def _out_channels(node, model: nn.Module) -> int:
     """A set-aside layer's output channels: a module's own count, else dim 1 of its output (0: unknown)."""
     if node is None:
@@ -90,6 +82,14 @@ def _out_channels(node, model: nn.Module) -> int:
                 return getattr(m, attr)
     shape = node.meta.get(SHAPE)
     return shape[1] if isinstance(shape, torch.Size) and len(shape) > 1 else 0
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimedOut
 
 
 def torch_pruning_channels(model: nn.Module, x: torch.Tensor, timeout: int) -> tuple[int, int]:
