@@ -12,7 +12,7 @@ from torch import nn
 from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
 from fxoto.roles import DEFAULT_TABLE, OpTable, Zero
-from fxoto.segments import RULE, Segment, annotate_rules, cut_segments, own_parameters
+from fxoto.segments import LIVE, RULE, Segment, annotate_rules, cut_segments, own_parameters
 from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
     GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k,
 )
@@ -67,7 +67,7 @@ def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Grap
     by_id = {seg.id: seg for seg in segments}
     decisive: set[str] = set()
     for g in groups:
-        chain = [nodes[n] for n in by_id[g.segment].nodes]
+        chain = [nodes[n] for n in by_id[g.segment].nodes if nodes[n].meta.get(LIVE)]
         last = next((i for i in reversed(range(len(chain))) if _zeroes_output(chain[i], root)), None)
         if last is None or any(m.dim is not None for m in g.members):
             decisive.update(g.nodes)

@@ -22,8 +22,8 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import (REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint, own_parameters,
-                            runs, source_indices, users)
+from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint,
+                            own_parameters, runs, source_indices, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
@@ -152,6 +152,9 @@ def find_gezigs(graph: fx.Graph, root: nn.Module, segments: list[Segment]) -> tu
         if refused:
             excluded.append(Exclusion(seg.nodes, f"feeds a concat that is no joint: {refused[0].meta[REFUSED]}"))
             continue
+        # A node of the segment whose result nothing live reads (dead code beside the chain)
+        # goes with the segment but is no member: its variables do not reach the output.
+        chain = [n for n in chain if n.meta.get(LIVE)]
         start, why = _zeroing_start(chain, root, region_nodes)
         if start is None:
             excluded.append(Exclusion(seg.nodes, why))

@@ -1,7 +1,10 @@
 """The search space of the paper's DemoSupNet, checked against the paper's own words."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxoto
@@ -173,3 +176,40 @@ def test_shared_parameters_are_never_split():
 def test_branchy_counts():
     space = fxoto.build_space(Branchy(), (torch.randn(1, 3, 8, 8),))
     assert [g.nodes for g in space.groups] == [("a",), ("b",)]
+
+
+class DeadFork(nn.Module):
+    """A concat's result read by a dead branch (its output unused) and by BN -> ReLU -> conv into
+    an add: the hypothesis counterexample behind the fix (the dead conv was taken as the zeroing
+    start, so the batch norm after the concat joined that group whole while the concat's inputs
+    held its rows: two groups shared its variables)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.dead = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv2d(2, 1, 1)
+        self.bn, self.conv, self.skip = nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1), nn.Conv2d(1, 1, 1)
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):
+        c = torch.cat([F.gelu(self.a(x)), F.gelu(self.b(x))], 1)
+        unused = torch.cat([x, self.dead(c)], 1)  # noqa: F841 (dead code, as a model may hold)
+        y = F.gelu(self.conv(F.relu(self.bn(c)))) + F.gelu(self.skip(x))
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_dead_node_in_a_segment_is_no_member_and_groups_stay_disjoint():
+    model = DeadFork().eval()
+    x = torch.randn(2, 1, 4, 4)
+    space = fxoto.build_space(model, (x[:1],))
+    assert [[str(m) for m in g.members] for g in space.groups] == [
+        ["a.weight", "a.bias", "bn.weight[0:1]", "bn.bias[0:1]"],
+        ["b.weight", "b.bias", "bn.weight[1:2]", "bn.bias[1:2]"],
+        ["conv.weight", "conv.bias"],
+        ["skip.weight", "skip.bias"],
+    ]
+    for ids in ([0], [1], [2], [3], [0, 3], [1, 2]):
+        twin = copy.deepcopy(model)
+        s = fxoto.build_space(twin, (x[:1],))
+        s.zero_(ids)
+        with torch.no_grad():
+            assert torch.allclose(s.construct_subnet()(x), twin(x), atol=1e-6)
