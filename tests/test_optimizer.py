@@ -742,15 +742,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the
 
 
 @cuda
+@pytest.mark.parametrize("structures", ["operations", "both"])
 @pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
-def test_cuda_step_reads_nothing_and_matches_the_cpu(variant):
-    # CPU twins: test_steps_read_nothing_back_from_the_device, test_multi_tensor_step_equals_single_tensor_step_*
+def test_cuda_step_reads_nothing_and_matches_the_cpu(variant, structures):
+    # CPU twins: test_steps_read_nothing_back_from_the_device, test_multi_tensor_step_equals_single_tensor_step_*,
+    # test_channel_groups_both_paths_agree_and_read_nothing
     x, y = batches(1)[0]
+    build, K = (demo, 3) if structures == "operations" else (demo_both, {"operations": 2, "channels": 5})
     runs = []
     for device in ("cpu", "cuda"):
-        model, space = demo()
+        model, space = build()
         model.to(device)
-        opt = H2SPG(space, 3, 0.02, variant=variant, weight_decay=1e-3, warmup_steps=2, pruning_steps=4)
+        opt = H2SPG(space, K, 0.02, variant=variant, weight_decay=1e-3, warmup_steps=2, pruning_steps=4)
         assert opt.foreach == (device == "cuda")
         reads = []
         for _ in range(9):
