@@ -30,12 +30,16 @@ arithmetic has two paths, chosen by ``foreach`` as in torch.optim: a loop over
 tensors (``_single_tensor``, the default on the CPU, where it keeps each tensor in
 cache) and multi-tensor ``torch._foreach_*`` calls over all parameters
 (``_multi_tensor``, the default on CUDA).  Both call the same rules
-(``_hybrid_coefficients``).  A step takes, per redundant member, the inner products
-||x||^2, x.d and ||d||^2 (d: the step direction, the gradient or its momentum / Adam
-variant), sums them per group, computes lambda_g and the projection test from them
-and only then moves the members: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_g||,
-and x~.x = ||x||^2 - lr (lambda_g ||x_g|| + x.d), so a group that the test zeroes is
-written as zero in the same pass (x <- keep a x - keep lr d).
+(``_hybrid_coefficients``).  A step loops over parameters, never over groups, so it
+scales to tens of thousands of channel groups: each parameter holding members is one
+whole member or a stack of rows along one dim (``_Plan``).  A step takes, per row of
+the redundant groups, the inner products ||x||^2, x.d and ||d||^2 (d: the step
+direction, the gradient or its momentum / Adam variant), sums them per group (one
+``index_add_``), computes lambda_g and the projection test from them and only then
+moves the rows: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_g||, and
+x~.x = ||x||^2 - lr (lambda_g ||x_g|| + x.d), so a group that the test zeroes is
+written as zero in the same pass (x <- keep a x - keep lr d).  With a K per kind of
+group, each kind is selected by its own ranking (``select_per_kind``).
 
 A gradient holding inf or NaN is raised as ``NonFiniteGradientError`` at the next
 synchronisation point: ``check_finite()``, ``metrics()``, ``state_dict()`` or the selection
