@@ -272,6 +272,7 @@ class _Plan(NamedTuple):
     rows_in: dict[int, Tensor]
     mask: Tensor
     numel: Tensor
+    order: Tensor  # each parameter's position among the optimizer's (param_groups order)
 
 
 class _Direction(NamedTuple):
@@ -284,7 +285,6 @@ class _Direction(NamedTuple):
     den: Tensor | None
     step: float
     lr: float
-    probe: Tensor  # the first tensor to take the gradient (it, or the state it entered)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -305,45 +305,43 @@ def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
     return [torch.linalg.vector_norm(x).square(), torch.dot(x, v), torch.linalg.vector_norm(v).square()]
 
 
-ROW_BLOCK = 1 << 20  # elements per block of rows in _row_norms: its temporary stays in the cache
+ROW_BLOCK = 1 << 20  # elements per block of rows in _row_dots: its temporary stays in the cache
 
 
-def _row_norms(x: Tensor, v: Tensor | None, dim: int) -> Tensor:
-    """[rows, 3]: ||x||, ||x + v||, ||v|| of each slice along ``dim`` (v None: ||x||, ||x||, 0),
-    for ``_polarize``.
+def _row_dots(x: Tensor, v: Tensor | None, dim: int) -> Tensor:
+    """[rows, 3]: ||x||^2, x.v, ||v||^2 of each slice along ``dim`` (v None: ||x||^2, 0, 0).
 
-    Row norms are one read each, and x.v follows from them (polarization, as in
-    ``_foreach_dots``): torch's row-wise inner products multiply into a temporary and then
-    sum it, two to four times slower on the CPU.  Blocks of rows of at most ``ROW_BLOCK``
-    elements keep the temporary x + v small (a linear layer's weight can hold a hundred
-    million)."""
+    Norms are one read each; x.v is taken in blocks of rows of at most ``ROW_BLOCK``
+    elements, so that its temporary x * v stays small (a linear layer's weight can hold a
+    hundred million)."""
     xr = _rows(x, dim)
+    xx = torch.linalg.vector_norm(xr, dim=1).double().square()
     if v is None:
-        xx = torch.linalg.vector_norm(xr, dim=1)
-        return torch.stack([xx, xx, torch.zeros_like(xx)], 1)
+        zero = torch.zeros_like(xx)
+        return torch.stack([xx, zero, zero], 1)
     vr = _rows(v, dim)
     step = max(1, ROW_BLOCK // max(1, xr.shape[1]))
-    blocks = [torch.stack([torch.linalg.vector_norm(t, dim=1) for t in (xb, xb + vb, vb)], 1)
-              for xb, vb in zip(xr.split(step), vr.split(step))]
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
-
-
-def _polarize(norms: Tensor) -> Tensor:
-    """[R, 3] ||x||^2, x.v, ||v||^2 from rows of ||x||, ||x + v||, ||v|| (``_row_norms``)."""
-    xx, ss, vv = norms.double().square().unbind(1)
-    return torch.stack([xx, (ss - xx - vv) / 2.0, vv], 1)
+    if xr.shape[0] <= step:
+        xv = torch.linalg.vecdot(xr, vr, dim=1)
+    else:
+        xv = torch.cat([torch.linalg.vecdot(xb, vb, dim=1) for xb, vb in zip(xr.split(step), vr.split(step))])
+    return torch.stack([xx, xv.double(), torch.linalg.vector_norm(vr, dim=1).double().square()], 1)
 
 
 def _foreach_dots(xs: list[Tensor], vs: list[Tensor]) -> Tensor:
-    """[M, 3]: ||x||^2, x.v, ||v||^2 per pair, from three multi-tensor norms.
+    """[M, 3]: ||x||^2, x.v, ||v||^2 per pair, in multi-tensor calls.
 
-    x.v = (||x + v||^2 - ||x||^2 - ||v||^2) / 2: torch has no multi-tensor inner product;
-    its rounding error is about 1e-7 (||x||^2 + ||v||^2), which moves lambda_g and the
-    projection test by far less than the step itself."""
+    torch has no multi-tensor inner product or sum; x.v is the 1-norm of the products'
+    positive part twice, less the 1-norm of all of them, which keeps its error to rounding
+    of |x||v| (polarization, ||x + v||^2 - ||x||^2 - ||v||^2, loses a gradient much smaller
+    than its weights: v vanishes from x + v)."""
     xx = torch.stack(torch._foreach_norm(xs)).double().square()
     vv = torch.stack(torch._foreach_norm(vs)).double().square()
-    ss = torch.stack(torch._foreach_norm(torch._foreach_add(xs, vs))).double().square()
-    return torch.stack([xx, (ss - xx - vv) / 2.0, vv], 1)
+    products = torch._foreach_mul(xs, vs)
+    total = torch.stack(torch._foreach_norm(products, 1)).double()
+    torch._foreach_clamp_min_(products, 0.0)
+    xv = 2.0 * torch.stack(torch._foreach_norm(products, 1)).double() - total
+    return torch.stack([xx, xv, vv], 1)
 
 
 class H2SPG(Optimizer):
@@ -473,10 +471,9 @@ class H2SPG(Optimizer):
                                    dtype=torch.long).to(self.device)
         self._hot: _Plan | None = None
         self._order: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
-        self._position_cache: tuple[tuple[int, ...], Tensor] | None = None
         self._counts: dict[int, int] = {}  # Adam's step count per parameter (id), on the host
         self._copies: dict[str, tuple[tuple[float, ...], Tensor]] = {}  # see _on_device
-        self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for _check_probes
+        self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for _check_rows
         self._checked_at = 0  # the step of the last check_finite
 
     def _locate(self) -> None:
@@ -642,10 +639,10 @@ class H2SPG(Optimizer):
         if self.foreach:
             dirs = self._multi_tensor_directions(work)
             rows = self._multi_tensor_rows(plan, work, dirs, use_direction=on_direction)
-            self._multi_tensor_probes(plan, work, dirs)
             self._multi_tensor_plain_steps(work, dirs, skip=set())
         else:
             rows, _ = self._single_tensor_pass(work, plan, use_direction=on_direction, hold=False)
+        self._check_rows(plan, rows)
         self._accumulate(self._score(plan, rows))
 
     def _hybrid_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
@@ -655,11 +652,11 @@ class H2SPG(Optimizer):
         if self.foreach:
             dirs = self._multi_tensor_directions(work, materialize=plan.position)
             rows = self._multi_tensor_rows(plan, work, dirs, use_direction=True)
-            self._multi_tensor_probes(plan, work, dirs)
             self._multi_tensor_plain_steps(work, dirs, skip=plan.position)
             held = [(p, d) for (p, _, _), d in zip(work, dirs) if id(p) in plan.position]
         else:
             rows, held = self._single_tensor_pass(work, plan, use_direction=True, hold=True)
+        self._check_rows(plan, rows)
         a, b = self._hybrid_coefficients(plan, rows)
         moved = {id(p) for p, _ in held}
         still = [p for p in plan.params if id(p) not in moved]
@@ -670,13 +667,10 @@ class H2SPG(Optimizer):
         """One pass over the parameters, each while it is in the CPU's cache: its state advanced,
         its rows' inner products with v (the gradient, or with ``use_direction`` the step
         direction) gathered, its gradient checked, and its plain step taken, except, with
-        ``hold``, for the plan's parameters: their directions are returned for the scaled step.
-        The plan's parameters are checked for a non-finite gradient (``_check_probes``) through
-        x.v, already computed."""
+        ``hold``, for the plan's parameters: their directions are returned for the scaled step."""
         found: dict[int, Tensor | list[Tensor]] = {}
         cs = [1.0] * len(plan.params)
         held: list[tuple[Tensor, _Direction]] = []
-        probed, probes = [], []
         for p, grad, group in work:
             i = plan.position.get(id(p))
             d = self._direction(p, grad, group, materialize=i is not None and (hold or use_direction))
@@ -684,23 +678,16 @@ class H2SPG(Optimizer):
                 v = d.num if use_direction else grad
                 if use_direction:
                     cs[i] = self._direction_scale(d)
-                if plan.dims[i] is None:
-                    found[i] = three = _dots(p, v)
-                    probes.append(three[1])
-                else:
-                    found[i] = rows = _row_norms(p, v, plan.dims[i])
-                    probes.append(rows[:, 1].sum())
-                probed.append(p)
+                found[i] = _dots(p, v) if plan.dims[i] is None else _row_dots(p, v, plan.dims[i])
                 if hold:
                     held.append((p, d))
                     continue
             _plain_step(p, d)
-        self._check_probes(probed, probes)
         whole = torch.stack([torch.stack(found[i]) if i in found else self._no_gradient(plan, i)
                              for i in range(plan.whole)]) if plan.whole else None
-        norms = [found[i] if i in found else _row_norms(plan.params[i], None, plan.dims[i])
-                 for i in range(plan.whole, len(plan.params))]
-        return self._products(plan, whole, norms, cs), held
+        rows = [found[i] if i in found else _row_dots(plan.params[i], None, plan.dims[i])
+                for i in range(plan.whole, len(plan.params))]
+        return self._products(plan, whole, rows, cs), held
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
@@ -762,8 +749,8 @@ class H2SPG(Optimizer):
         plan = self._all
         whole = torch.stack([torch.stack(_dots(p, p.grad)) if p.grad is not None else self._no_gradient(plan, i)
                              for i, p in enumerate(plan.params[:plan.whole])]) if plan.whole else None
-        norms = [_row_norms(p, p.grad, dim) for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
-        return self._score(plan, self._products(plan, whole, norms, [1.0] * len(plan.params)))
+        rows = [_row_dots(p, p.grad, dim) for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
+        return self._score(plan, self._products(plan, whole, rows, [1.0] * len(plan.params)))
 
     def _accumulate(self, s: Tensor) -> None:
         """Algorithm 3, line 7: s_g <- omega s_g + (1 - omega) s_{t,g}."""
@@ -857,6 +844,7 @@ class H2SPG(Optimizer):
             rows_in[i] = torch.tensor([r for r, g in enumerate(rows) if g != n], dtype=torch.long).to(self.device)
         sizes = torch.zeros(n, dtype=torch.float64)
         mask = torch.zeros(n, dtype=torch.bool)
+        where = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         for g in groups:
             sizes[g] = float(self.space.groups[g].numel)
             mask[g] = True
@@ -866,6 +854,7 @@ class H2SPG(Optimizer):
             torch.tensor(row_group, dtype=torch.long).to(self.device),
             torch.repeat_interleave(torch.arange(len(params)), torch.tensor(counts, dtype=torch.long)).to(self.device),
             rows_in, mask.to(self.device), sizes.to(self.device),
+            torch.tensor([where[id(p)] for p in params], dtype=torch.long).to(self.device),
         )
 
     def _group_sums(self, plan: _Plan, values: Tensor) -> Tensor:
@@ -899,12 +888,12 @@ class H2SPG(Optimizer):
         zero = x.new_zeros(())
         return torch.stack([torch.dot(x, x), zero, zero])
 
-    def _products(self, plan: _Plan, whole: Tensor | None, norms: list[Tensor], cs: list[float]) -> Tensor:
+    def _products(self, plan: _Plan, whole: Tensor | None, rows: list[Tensor], cs: list[float]) -> Tensor:
         """[R, 3] per row of the plan: ||x||^2, x.v, ||v||^2 for v = c num, from the whole
-        members' ||x||^2, x.num, ||num||^2 ([W, 3]), the sliced parameters' row norms
-        (``_row_norms``) and each parameter's c (step / lr: the direction is c times the
+        members' and the sliced parameters' ||x||^2, x.num, ||num||^2 ([W, 3], then [rows, 3]
+        each, ``_row_dots``) and each parameter's c (step / lr: the direction is c times the
         step's numerator)."""
-        blocks = ([whole.double()] if whole is not None else []) + ([_polarize(torch.cat(norms))] if norms else [])
+        blocks = ([whole.double()] if whole is not None else []) + [r.double() for r in rows]
         if not blocks:
             return torch.zeros(0, 3, dtype=torch.float64, device=self.device)
         rows = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
@@ -914,7 +903,7 @@ class H2SPG(Optimizer):
     def _multi_tensor_rows(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
         """``_products`` with multi-tensor norms for the whole members (``_foreach_dots``)."""
         of = {id(p): (grad, d) for (p, grad, _), d in zip(work, dirs)}
-        xs, vs, cs, norms = [], [], [], []
+        xs, vs, cs, sliced = [], [], [], []
         for i, p in enumerate(plan.params):
             grad, d = of.get(id(p), (None, None))
             if d is None:
@@ -928,8 +917,8 @@ class H2SPG(Optimizer):
                 xs.append(_flat(p))
                 vs.append(_flat(v) if v is not None else torch.zeros_like(xs[-1]))
             else:
-                norms.append(_row_norms(p, v, plan.dims[i]))
-        return self._products(plan, _foreach_dots(xs, vs) if xs else None, norms, cs)
+                sliced.append(_row_dots(p, v, plan.dims[i]))
+        return self._products(plan, _foreach_dots(xs, vs) if xs else None, sliced, cs)
 
     def _count(self, p: Tensor) -> int:
         """Advance p's Adam step count and return it.  The state keeps it as torch.optim's Adam
@@ -951,26 +940,16 @@ class H2SPG(Optimizer):
     def _direction_scale(d: _Direction) -> float:
         return d.step / d.lr if d.lr else 1.0
 
-    def _check_probes(self, params: list[Tensor], probes: list[Tensor]) -> None:
-        """Record, on the device, the first step and parameter whose probe (a reduction of the
-        tensor its gradient entered) was not finite: the members of the groups a step watches.
+    def _check_rows(self, plan: _Plan, rows: Tensor) -> None:
+        """Record, on the device, the first step and parameter whose gradient made a row's x.v
+        inf or NaN (``rows`` from ``_products``): the members of the groups a step watches.
         Every other parameter is checked at the next ``check_finite``, through its values."""
-        if not probes:
+        if not rows.numel():
             return
-        key = tuple(id(p) for p in params)
-        if self._position_cache is None or self._position_cache[0] != key:
-            where = {id(p): i for i, p in enumerate(self._order)}
-            self._position_cache = (key, torch.tensor([where[k] for k in key], dtype=torch.long).to(self.device))
-        bad = ~torch.stack(probes).isfinite()
-        which = self._position_cache[1].index_select(0, bad.int().argmax().reshape(1))  # not [tensor]: that reads
-        first = torch.cat([self._step_on_device, which])
+        bad = ~rows[:, 1].isfinite()
+        param = plan.row_param.index_select(0, bad.int().argmax().reshape(1))  # not [tensor]: that reads
+        first = torch.cat([self._step_on_device, plan.order.index_select(0, param)])
         self._bad = torch.where((self._bad[0] < 0) & bad.any(), first, self._bad)
-
-    def _multi_tensor_probes(self, plan: _Plan, work, dirs: list[_Direction]) -> None:
-        """``_check_probes`` for the plan's parameters, their probes' norms in one call."""
-        chosen = [(p, d.probe) for (p, _, _), d in zip(work, dirs) if id(p) in plan.position]
-        if chosen:
-            self._check_probes([p for p, _ in chosen], list(torch._foreach_norm([t for _, t in chosen])))
 
     # -- the plain steps: torch.optim's SGD, Adam and AdamW -------------------------------------
 
@@ -992,7 +971,7 @@ class H2SPG(Optimizer):
                 else:
                     buf.mul_(momentum).add_(g, alpha=1.0 - group["dampening"])
                 g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-            return _Direction(g, None, lr, lr, buf if momentum != 0 else grad)
+            return _Direction(g, None, lr, lr)
 
         beta1, beta2 = group["betas"]
         step = self._count(p)
@@ -1008,8 +987,8 @@ class H2SPG(Optimizer):
         denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(group["eps"])
         step_size = lr / (1.0 - beta1**step)
         if materialize:
-            return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr, exp_avg)
-        return _Direction(exp_avg, denom, step_size, lr, exp_avg)
+            return _Direction(torch.div(exp_avg, denom, out=denom), None, step_size, lr)
+        return _Direction(exp_avg, denom, step_size, lr)
 
     def _multi_tensor_directions(self, work, materialize=()) -> list[_Direction]:
         """``_direction`` for every parameter at once, with ``torch._foreach_*`` per param group
@@ -1028,7 +1007,7 @@ class H2SPG(Optimizer):
                 momentum = group["momentum"]
                 if momentum == 0:
                     for i, g, grad in zip(idx, gs, grads):
-                        dirs[i] = _Direction(g, None, lr, lr, grad)
+                        dirs[i] = _Direction(g, None, lr, lr)
                     continue
                 bufs = []
                 fresh = []
@@ -1046,7 +1025,7 @@ class H2SPG(Optimizer):
                     torch._foreach_add_(ob, og, alpha=1.0 - group["dampening"])
                 nums = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
                 for i, num, buf in zip(idx, nums, bufs):
-                    dirs[i] = _Direction(num, None, lr, lr, buf)
+                    dirs[i] = _Direction(num, None, lr, lr)
                 continue
             beta1, beta2 = group["betas"]
             steps = [self._count(p) for p in ps]
@@ -1068,7 +1047,7 @@ class H2SPG(Optimizer):
             torch._foreach_add_(dens, group["eps"])
             for i, p, avg, den, s in zip(idx, ps, avgs, dens, steps):
                 step_size = lr / (1.0 - beta1**s)
-                dirs[i] = _Direction(avg, den, step_size, lr, avg)
+                dirs[i] = _Direction(avg, den, step_size, lr)
         want = [i for i, (p, _, _) in enumerate(work) if id(p) in materialize and dirs[i].den is not None]
         if want:
             nums = torch._foreach_div([dirs[i].num for i in want], [dirs[i].den for i in want])
@@ -1155,7 +1134,6 @@ class H2SPG(Optimizer):
         self._hot = None if self._redundant is None else self._plan(self._redundant, "hot")
         self._lambda = torch.zeros_like(self._scores)
         self._bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
-        self._position_cache = None
         self._counts = {}
         self._step_on_device = torch.tensor([self._step], dtype=torch.long, device=self.device)
         self._checked_at = self._step

@@ -16,7 +16,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, note, settings
+from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -658,8 +658,9 @@ def run_both_paths(model_fn, x, loss_fn, variant, K, steps, resume_at=None):
 @pytest.mark.parametrize("variant", ["sgd", "adam", "adamw"])
 def test_multi_tensor_step_equals_single_tensor_step_on_demosupnet(variant):
     # The two paths differ in rounding only: SGD's momentum update (one fused multiply-add or
-    # two roundings) and the multi-tensor inner product (from norms, ``_foreach_dots``).  Over
-    # a dozen steps that stays below 1e-5 relative; the same groups go to zero at the same steps.
+    # two roundings) and the multi-tensor inner product (1-norms of products, ``_foreach_dots``).
+    # Over a dozen steps that stays below 1e-5 relative; the same groups go to zero at the same
+    # steps.
     x, y = batches(1)[0]
     (m1, o1, s1), (m2, o2, s2) = run_both_paths(demo, x, lambda out: F.cross_entropy(out, y), variant, 3, 12,
                                                 resume_at=4)
@@ -687,13 +688,24 @@ def test_multi_tensor_step_equals_single_tensor_step_on_random_supernets(net, da
     except fxoto.NonFiniteGradientError:
         assume(False)  # plain SGD diverges on some random nets at this learning rate: nothing to compare
     assume(all(bool(p.isfinite().all()) for p in m1.parameters()))
-    # The paths take x.d with different reductions (a dot product; norms on the multi-tensor
-    # path), equal up to rounding.  Where the projection test sits on its threshold, rounding
+    # The paths take x.d with different reductions (a dot product; 1-norms of products on the
+    # multi-tensor path), equal up to rounding.  Where the projection test sits on its threshold, rounding
     # decides: with the deadline floor, 4 steps before the end of the budget a = 1 - 2/4 = epsilon,
     # so a group with x.d about 0 is zeroed now or a step later.  Such a group reaches zero one
     # step apart; the trajectories then differ by that step, and only then are the parameters
     # not compared.  The selection and the final zeros are the same either way.
-    assert o1.redundant == o2.redundant and s1.zero_groups() == s2.zero_groups() == sorted(o1.redundant)
+    # The scores agree to rounding; where two groups' scores are that close, rounding may order
+    # them differently (x.v from multi-tensor 1-norms rounds differently), and
+    # with another selection order nothing after it compares.
+    note(f"scores: {o1.scores.tolist()} and {o2.scores.tolist()}")
+    scale = float(o1.scores.abs().max()) if o1.scores.numel() else 1.0
+    assert torch.allclose(o1.scores, o2.scores, rtol=0, atol=1e-3 * scale)
+    if o1.redundant != o2.redundant:
+        gaps = (o1.scores[:, None] - o1.scores[None, :]).abs() + torch.eye(len(o1.scores), dtype=torch.float64)
+        assert float(gaps.min()) < 1e-3 * scale, "different selections without a near-tie"
+        event("selection order decided by rounding at a near-tie")
+        return
+    assert s1.zero_groups() == s2.zero_groups() == sorted(o1.redundant)
     at1, at2 = o1.zeroed_at, o2.zeroed_at
     note(f"zeroed at: {at1} and {at2}")
     assert at1.keys() == at2.keys() and all(abs(at1[g] - at2[g]) <= 1 for g in at1)
