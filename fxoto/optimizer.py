@@ -718,7 +718,8 @@ class H2SPG(Optimizer):
         n = len(self.space.groups)
         lr = self._param_lr(plan)[plan.row_param]
         x_sq, x_d, d_sq = rows.unbind(1)
-        xx, xd, dd, lr_xx, lr_xd = self._group_sums(plan, torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1)).unbind(1)
+        per_row = torch.stack([x_sq, x_d, d_sq, lr * x_sq, lr * x_d], 1)
+        xx, xd, dd, lr_xx, lr_xd = self._group_sums(plan, per_row).unbind(1)
         norm = xx.sqrt()
         lr_g = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
         lr_g = lr_g.scatter_reduce_(0, plan.row_group, lr, "amax")[:n]
