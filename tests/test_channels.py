@@ -323,13 +323,7 @@ def test_h2spg_over_transposed_convolution_channels():
     opt = H2SPG(s.space, s.K, 0.05, warmup_steps=2, pruning_steps=4)
     g = train_eight_steps(model, opt)
     assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 6
-    model.eval()
-    x = torch.randn(4, 3, 8, 8, generator=g)
-    with torch.no_grad():
-        expected = model(x)
-        sub = s.subnet()
-        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
-    assert size(sub) < size(model)
+    assert_trained_subnet_exact(model, s, g)
 
 
 def test_k_per_kind():
@@ -345,6 +339,17 @@ def test_k_per_kind():
         fxoto.search(vgg(), {"channels": 32}, X, structures="channels")  # every layer keeps a channel
     with pytest.raises(ValueError, match="structures"):
         fxoto.build_space(vgg(), X, structures="layers")
+
+
+def assert_trained_subnet_exact(model, s, g: torch.Generator) -> None:
+    """After training: the sub-network equals the trained super-network on new inputs and is smaller."""
+    model.eval()
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+        sub = s.subnet()
+        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    assert size(sub) < size(model)
 
 
 def train_eight_steps(model, opt) -> torch.Generator:
@@ -367,13 +372,7 @@ def test_h2spg_delivers_k_channel_groups():
     g = train_eight_steps(model, opt)
     assert opt.phase == "pruned"
     assert sorted(opt.redundant) == s.space.zero_groups() and len(opt.redundant) == 8
-    model.eval()
-    x = torch.randn(4, 3, 8, 8, generator=g)
-    with torch.no_grad():
-        expected = model(x)
-        sub = s.subnet()
-        assert torch.allclose(sub(x), expected, atol=1e-5 * max(1.0, float(expected.abs().max())))
-    assert size(sub) < size(model)
+    assert_trained_subnet_exact(model, s, g)
 
 
 @settings(max_examples=25, deadline=None)

@@ -67,17 +67,24 @@ def test_subnet_of_torchvision_model_is_exact(case):
     if not space.groups:
         assert case.name in NO_JOINT
         return
+    assert_random_removals_exact(case, space, case.x, "operations", by_zeros=True)
+
+
+def assert_random_removals_exact(case: Case, space, x: torch.Tensor, what: str, by_zeros: bool = False) -> None:
+    """3 random valid removals: the sub-network equals the zeroed super-network and is smaller
+    (``by_zeros``: the rewrite finds the zero groups itself; else it is given their ids)."""
     n_super = sum(p.numel() for p in case.model.parameters())
     for seed in range(3):
         case.reset()
         ids = space.sample_removal(0.5, seed)
         space.zero_(ids)
         with torch.no_grad():
-            expected = case.model(case.x)
-            sub = space.construct_subnet()
-            got = sub(case.x)
+            expected = case.model(x)
+            sub = space.construct_subnet(None if by_zeros else ids)
+            got = sub(x)
         scale = max(1.0, expected.abs().max().item())
-        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), f"{case.name} seed {seed}: {(got - expected).abs().max()}"
+        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), \
+            f"{case.name} {what} seed {seed}: {(got - expected).abs().max()}"
         assert sum(p.numel() for p in sub.parameters()) < n_super
 
 
@@ -103,16 +110,4 @@ def test_channel_removals_of_torchvision_model_are_exact(case, structures):
     if not channel:
         assert reasons, f"{case.name}: no channel group and no stem set aside with a reason"
         return  # "both": operation removals alone, test_subnet_of_torchvision_model_is_exact
-    n_super = sum(p.numel() for p in case.model.parameters())
-    for seed in range(3):
-        case.reset()
-        ids = space.sample_removal(0.5, seed)
-        space.zero_(ids)
-        with torch.no_grad():
-            expected = case.model(x)
-            sub = space.construct_subnet(ids)
-            got = sub(x)
-        scale = max(1.0, expected.abs().max().item())
-        assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), \
-            f"{case.name} {structures} seed {seed}: {(got - expected).abs().max()}"
-        assert sum(p.numel() for p in sub.parameters()) < n_super
+    assert_random_removals_exact(case, space, x, structures)
