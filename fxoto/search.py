@@ -11,10 +11,10 @@ from torch import nn
 
 from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
-from fxoto.roles import DEFAULT_TABLE, OpTable, Zero
-from fxoto.segments import LIVE, RULE, Segment, annotate_rules, cut_segments, own_parameters
+from fxoto.roles import DEFAULT_TABLE, OpTable
+from fxoto.segments import LIVE, Segment, annotate_rules, cut_segments
 from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
-    GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k,
+    GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k, zeroed_by_own_variables,
 )
 from fxoto.trace import trace
 
@@ -56,8 +56,9 @@ def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Grap
     """The nodes of the operation groups that the channel groups leave alone (``"both"``).
 
     An operation group's segment ends in the nodes that decide its output: from the last
-    node whose own variables zero its output (a stem, an affine norm) to the end, every
-    node maps zero to zero.  Those stay whole in the operation group, so that zeroing it
+    node whose own variables zero its output (``zeroed_by_own_variables``: a stem, an
+    affine norm) to the end, every node maps zero to zero (the group's zeroing walk
+    checked that).  Those stay whole in the operation group, so that zeroing it
     still zeroes the segment's output.  The layers before them (a bottleneck's first two
     convolutions) may be slimmed by channel groups, which then hold their variables: the
     two kinds nest, disjoint, and a block can be made thinner or erased.  A group whose
@@ -68,18 +69,12 @@ def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Grap
     decisive: set[str] = set()
     for g in groups:
         chain = [nodes[n] for n in by_id[g.segment].nodes if nodes[n].meta.get(LIVE)]
-        last = next((i for i in reversed(range(len(chain))) if _zeroes_output(chain[i], root)), None)
+        last = next((i for i in reversed(range(len(chain))) if zeroed_by_own_variables(chain[i], root)), None)
         if last is None or any(m.dim is not None for m in g.members):
             decisive.update(g.nodes)
         else:
             decisive.update(n.name for n in chain[last:])
     return decisive
-
-
-def _zeroes_output(node: fx.Node, root: nn.Module) -> bool:
-    """Zero variables, zero output, and every later node of the chain maps zero to zero
-    (checked by the caller's walk from the end: the first such node met is the last)."""
-    return node.meta[RULE].zero is Zero.OWN_VARIABLES and bool(own_parameters(node, root))
 
 
 def _without_channels(groups: list[GeZIG], channel_groups: list[GeZIG], root: nn.Module) -> list[GeZIG]:

@@ -78,6 +78,14 @@ class Exclusion:
     reason: str
 
 
+def zeroed_by_own_variables(node: fx.Node, root: nn.Module) -> bool:
+    """Whether zeroing the node's own variables zeroes its output: a stem, an affine norm, or
+    a node with no data input that preserves zero (a bias table gathered by index)."""
+    zero = node.meta[RULE].zero
+    from_variables = zero is Zero.OWN_VARIABLES or (zero is Zero.PRESERVES and not data_inputs(node))
+    return from_variables and bool(own_parameters(node, root))
+
+
 def _zeroing_start(nodes: list[fx.Node], root: nn.Module, region_nodes: set[str]) -> tuple[int | None, str]:
     """Index of the first node from which zeroing the variables zeroes the output.
 
@@ -93,12 +101,7 @@ def _zeroing_start(nodes: list[fx.Node], root: nn.Module, region_nodes: set[str]
         if rule.zero is Zero.BREAKS or rule.role is Role.UNKNOWN:
             last_break = i
     for i in range(last_break + 1, len(nodes)):
-        node = nodes[i]
-        zero = node.meta[RULE].zero
-        # A node with no data input reads only its variables (a bias table
-        # gathered by index): zero variables, zero output, if it preserves zero.
-        from_variables = zero is Zero.OWN_VARIABLES or (zero is Zero.PRESERVES and not data_inputs(node))
-        if from_variables and own_parameters(node, root) and node.name not in region_nodes:
+        if zeroed_by_own_variables(nodes[i], root) and nodes[i].name not in region_nodes:
             return i, ""
     if last_break >= 0:
         node = nodes[last_break]
@@ -246,7 +249,7 @@ class SearchSpace:
             for i in seg.inputs:
                 self._users[i].append(seg.id)
         self._output = next(s.id for s in segments if s.kind == "output")
-        self._largest: list[int] | None = None
+        self._largest: dict[str | None, list[int]] = {}  # greedy walks by kind (None: all), see _largest_walk
 
     @functools.cached_property
     def _params(self) -> dict[str, nn.Parameter]:
@@ -449,9 +452,9 @@ class SearchSpace:
                 break
             chosen = self.greedy_removal(chosen + list(pair) + [i for i in rest if i not in pair], k)
         if len(chosen) < k:
-            self.greedy_max_removal()
-            if len(self._largest) >= k:
-                return list(self._largest[:k])
+            largest = self._largest_walk()
+            if len(largest) >= k:
+                return list(largest[:k])
         return chosen
 
     def sample_removal(self, fraction: float = 0.5, seed: int = 0) -> list[int]:
@@ -468,14 +471,18 @@ class SearchSpace:
 
         Computed once: the groups and the graph never change (``target_k`` checks K
         against it and ``select_removal`` falls back on its walk; on DARTS one walk
-        takes a second).  ``_largest`` keeps the walk's own order, whose prefixes are
-        valid removals.
+        takes a second).
         """
-        if self._largest is None:
-            n = len(self.groups)
-            orders = (range(n), reversed(range(n)))
-            self._largest = max((self.greedy_removal(order) for order in orders), key=len)
-        return sorted(self._largest)
+        return sorted(self._largest_walk())
+
+    def _largest_walk(self, kind: str | None = None) -> list[int]:
+        """The longer of the greedy walks forwards and backwards over the groups (of one
+        ``kind``, or all), in the walk's own order, whose prefixes are valid removals;
+        computed once per kind."""
+        if kind not in self._largest:
+            ids = [g.id for g in self.groups if kind is None or g.kind == kind]
+            self._largest[kind] = max((self.greedy_removal(order) for order in (ids, ids[::-1])), key=len)
+        return self._largest[kind]
 
     def __repr__(self) -> str:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
@@ -534,13 +541,13 @@ def target_k(K: int | float | dict[str, int | float], space: SearchSpace) -> int
     for a K per kind: ``select_per_kind``).
     """
     k = resolve_k(K, space)
+    counts = kind_counts(K, space)
     n = len(space.groups)
     name = type(space.model).__name__
     if k > n:
         raise KTooLargeError(f"K={K} asks for {k} zero groups but {name} has only {n} GeZIGs")
-    counts = kind_counts(K, space)
     for kind, count in (counts or {}).items():
-        of_kind = largest_of_kind(space, kind)
+        of_kind = space._largest_walk(kind)
         total = sum(g.kind == kind for g in space.groups)
         if count > len(of_kind):
             raise KTooLargeError(
@@ -560,16 +567,6 @@ def target_k(K: int | float | dict[str, int | float], space: SearchSpace) -> int
     return k
 
 
-def largest_of_kind(space: SearchSpace, kind: str) -> list[int]:
-    """A large valid removal of groups of one kind, found greedily (walks forwards and
-    backwards; cached on the space), in the walk's order: every prefix is valid."""
-    cache = space.__dict__.setdefault("_largest_by_kind", {})
-    if kind not in cache:
-        ids = [g.id for g in space.groups if g.kind == kind]
-        cache[kind] = max((space.greedy_removal(order) for order in (ids, ids[::-1])), key=len)
-    return cache[kind]
-
-
 def select_per_kind(space: SearchSpace, order: Sequence[int], counts: dict[str, int]) -> list[int]:
     """A valid removal of ``counts[kind]`` groups of each kind, each kind taken from the
     front of ``order`` (``select_removal`` within the kind; operations first, then
@@ -581,7 +578,7 @@ def select_per_kind(space: SearchSpace, order: Sequence[int], counts: dict[str, 
         got = space.select_removal(mine, counts[kind]) if not chosen else \
             space.greedy_removal(chosen + mine, len(chosen) + counts[kind])[len(chosen):]
         if len(got) < counts[kind]:  # the kind's own greedy walk: target_k accepted the count on it
-            got = largest_of_kind(space, kind)[:counts[kind]]
+            got = space._largest_walk(kind)[:counts[kind]]
         chosen += got
     if not space.is_valid_removal(chosen):
         raise KTooLargeError(f"the {sum(counts.values())} groups chosen per kind ({counts}) are valid kind by kind "
