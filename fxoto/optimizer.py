@@ -666,8 +666,8 @@ class H2SPG(Optimizer):
                             hold: bool) -> tuple[Tensor, list[tuple[Tensor, _Direction]]]:
         """One pass over the parameters, each while it is in the CPU's cache: its state advanced,
         its rows' inner products with v (the gradient, or with ``use_direction`` the step
-        direction) gathered, its gradient checked, and its plain step taken, except, with
-        ``hold``, for the plan's parameters: their directions are returned for the scaled step."""
+        direction) gathered, and its plain step taken, except, with ``hold``, for the plan's
+        parameters: their directions are returned for the scaled step."""
         found: dict[int, Tensor | list[Tensor]] = {}
         cs = [1.0] * len(plan.params)
         held: list[tuple[Tensor, _Direction]] = []
@@ -683,11 +683,7 @@ class H2SPG(Optimizer):
                     held.append((p, d))
                     continue
             _plain_step(p, d)
-        whole = torch.stack([torch.stack(found[i]) if i in found else self._no_gradient(plan, i)
-                             for i in range(plan.whole)]) if plan.whole else None
-        rows = [found[i] if i in found else _row_dots(plan.params[i], None, plan.dims[i])
-                for i in range(plan.whole, len(plan.params))]
-        return self._products(plan, whole, rows, cs), held
+        return self._gathered(plan, found, cs), held
 
     def _pruned_step(self, work: list[tuple[Tensor, Tensor, dict]]) -> None:
         """After the hybrid phase: plain steps; the redundant groups' whole parameters are not
@@ -748,10 +744,9 @@ class H2SPG(Optimizer):
     def _score_now(self) -> Tensor:
         """Scores on the gradients as they are, without a step (``warmup_steps=0``)."""
         plan = self._all
-        whole = torch.stack([torch.stack(_dots(p, p.grad)) if p.grad is not None else self._no_gradient(plan, i)
-                             for i, p in enumerate(plan.params[:plan.whole])]) if plan.whole else None
-        rows = [_row_dots(p, p.grad, dim) for p, dim in zip(plan.params[plan.whole:], plan.dims[plan.whole:])]
-        return self._score(plan, self._products(plan, whole, rows, [1.0] * len(plan.params)))
+        found = {i: _dots(p, p.grad) if dim is None else _row_dots(p, p.grad, dim)
+                 for i, (p, dim) in enumerate(zip(plan.params, plan.dims)) if p.grad is not None}
+        return self._score(plan, self._gathered(plan, found, [1.0] * len(plan.params)))
 
     def _accumulate(self, s: Tensor) -> None:
         """Algorithm 3, line 7: s_g <- omega s_g + (1 - omega) s_{t,g}."""
@@ -888,6 +883,16 @@ class H2SPG(Optimizer):
         x = _flat(plan.params[i])
         zero = x.new_zeros(())
         return torch.stack([torch.dot(x, x), zero, zero])
+
+    def _gathered(self, plan: _Plan, found: dict[int, Tensor | list[Tensor]], cs: list[float]) -> Tensor:
+        """``_products`` from a single-tensor pass's inner products by plan position (``_dots``
+        for a whole member, ``_row_dots`` for a sliced parameter); a parameter without a
+        gradient gets its ||x||^2 alone, measured now."""
+        whole = torch.stack([torch.stack(found[i]) if i in found else self._no_gradient(plan, i)
+                             for i in range(plan.whole)]) if plan.whole else None
+        rows = [found[i] if i in found else _row_dots(plan.params[i], None, plan.dims[i])
+                for i in range(plan.whole, len(plan.params))]
+        return self._products(plan, whole, rows, cs)
 
     def _products(self, plan: _Plan, whole: Tensor | None, rows: list[Tensor], cs: list[float]) -> Tensor:
         """[R, 3] per row of the plan: ||x||^2, x.v, ||v||^2 for v = c num, from the whole

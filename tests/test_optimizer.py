@@ -819,3 +819,19 @@ def test_pruned_rows_stay_zero_with_adam(eps):
         opt.step()
     assert opt.phase == "pruned" and space.zero_groups() == sorted(opt.redundant)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("build", [demo, demo_both])
+def test_no_warmup_scores_the_gradients_as_one_warmup_step_does(build):
+    # warmup_steps=0 selects on the first step from scores of the gradients as they are; a
+    # warm-up step scores the same x and gradient before it moves them.
+    x, y = batches(1)[0]
+    scores = []
+    for warmup in (0, 1):
+        model, space = build()
+        opt = H2SPG(space, 2, 0.05, warmup_steps=warmup, pruning_steps=3)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert len(opt.redundant) == 2
+        scores.append(opt.scores)
+    assert torch.allclose(scores[0], scores[1], rtol=1e-6, atol=1e-12)
