@@ -235,11 +235,15 @@ def randomize(model: nn.Module, seed: int, dtype=torch.float32) -> nn.Module:
 @st.composite
 def supernets(draw, dtype=torch.float32, **kw):
     """A random super-network (eval mode, random values) and an input for it."""
-    spec = draw(net_specs(**kw))
+    return _randomized(draw, draw(net_specs(**kw)), RandomSupNet, dtype, st.integers(1, 3))
+
+
+def _randomized(draw, spec, build, dtype, batch) -> tuple[nn.Module, torch.Tensor]:
+    """``build(spec)`` with random values (``randomize``, a drawn seed) and an input of a drawn batch size."""
     seed = draw(st.integers(0, 2**16))
-    model = randomize(RandomSupNet(spec), seed, dtype)
+    model = randomize(build(spec), seed, dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(draw(st.integers(1, 3)), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
+    x = torch.randn(draw(batch), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
     return model, x
 
 
@@ -383,9 +387,4 @@ def chain_specs(draw, max_layers: int = 7, max_width: int = 6) -> ChainSpec:
 @st.composite
 def chains(draw, dtype=torch.float32, **kw):
     """A random plain chain (eval mode, random values and statistics) and an input for it."""
-    spec = draw(chain_specs(**kw))
-    seed = draw(st.integers(0, 2**16))
-    model = randomize(ChainNet(spec), seed, dtype)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(draw(st.integers(2, 3)), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
-    return model, x
+    return _randomized(draw, draw(chain_specs(**kw)), ChainNet, dtype, st.integers(2, 3))
