@@ -155,6 +155,6 @@ def report_table(rows: list[dict[str, Any]]) -> str:
         ])
         if accuracy:
             table[-1].append("-" if row["accuracy (%)"] is None else f"{row['accuracy (%)']:.2f}")
-    headers = ["network", "params (M)", "MACs (M)", "params (%)", "MACs (%)", "GeZIGs erased"]
+    headers = ["network", "params (M)", "MACs (M)", "params (%)", "MACs (%)", "groups erased"]
     headers += ["accuracy (%)"] if accuracy else []
     return tabulate(table, headers=headers, disable_numparse=True, colalign=("left",) + ("right",) * (len(headers) - 1))

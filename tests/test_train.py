@@ -72,7 +72,7 @@ def test_report_after_fit_shows_both_networks():
     table = s.report(val_loader=DataLoader(val, batch_size=64))
     lines = table.splitlines()
     assert lines[2].startswith("super-network") and lines[3].startswith("sub-network")
-    assert lines[3].split()[5] == "3"  # GeZIGs erased
+    assert lines[3].split()[5] == "3"  # groups erased
     assert float(table.rsplit(":", 1)[1]) < 1e-5  # equal up to float rounding (DESIGN 6)
 
 
