@@ -49,10 +49,13 @@ any reader's columns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -456,89 +459,237 @@ def _reads_other_dims(size: fx.Node, dim: int | None, ndim: int) -> bool:
                for u in size.users)
 
 
-def _channels(walk: _Walk):
-    """Pass 2: the union-find over the spaces' channels; by class root: rows, entries, columns, taint."""
-    spaces, width, why = walk.spaces, walk.width, walk.why
+_NONE = np.iinfo(np.int64).max  # no such index, in the arrays per class
+
+
+def _ranges(starts: Sequence[int], lengths: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
+    """``range(s, s + n)`` for each start ``s`` and length ``n``, concatenated (with ``steps``:
+    ``s + step * i`` for ``i`` in ``range(n)``)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    steps = within if steps is None else np.repeat(np.asarray(steps, dtype=np.int64), lengths) * within
+    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + steps
+
+
+def _roots(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per channel, the least channel of its class once each ``a[i]`` is joined to ``b[i]``: a
+    union-find keeping the earlier channel as the root, on arrays (hook roots, then compress)."""
+    root = np.arange(n)
+    while True:
+        ra, rb = root[a], root[b]
+        apart = ra != rb
+        if not apart.any():
+            return root
+        np.minimum.at(root, np.maximum(ra, rb)[apart], np.minimum(ra, rb)[apart])
+        while not np.array_equal(up := root[root], root):
+            root = up
+
+
+def _channels(walk: _Walk) -> tuple[dict[int, int], np.ndarray]:
+    """Pass 2: the union-find over the spaces' channels, as arrays (per layer, not per channel).
+
+    Returns the first channel of each space (by its root, in order) and, per channel, its class
+    (the least channel joined to it).
+    """
     base: dict[int, int] = {}
-    slots = _UnionFind()
-    for s in range(len(width)):
-        if spaces.find(s) == s:
-            base[s] = slots.add(width[s])
+    n = 0
+    for s in range(len(walk.width)):
+        if walk.spaces.find(s) == s:
+            base[s], n = n, n + walk.width[s]
 
     def first(node: fx.Node) -> int:
         return base[walk.root_of(node)]
 
-    find, union = slots.find, slots.union
+    joins: list[tuple[int, int, int, int]] = []  # (a, step, b, n): channel a + step * i goes with b + i
     for cat, inputs in walk.cats:
         out = first(cat)
-        for x, off in inputs:
-            at = first(x)
-            for c in range(x.meta[SHAPE][walk.dim[x]]):
-                union(at + c, out + off + c)
+        joins += [(first(x), 1, out + off, x.meta[SHAPE][walk.dim[x]]) for x, off in inputs]
     for conv, x, groups in walk.grouped:
         at, out = first(x), first(conv)
         ki, ko = x.meta[SHAPE][1] // groups, conv.meta[SHAPE][1] // groups
         for j in range(groups):
-            for c in range(j * ki + 1, (j + 1) * ki):
-                union(at + j * ki, at + c)
-            for c in range(j * ko, (j + 1) * ko):
-                union(at + j * ki, out + c)
+            joins += [(at + j * ki, 0, at + j * ki, ki), (at + j * ki, 0, out + j * ko, ko)]
     for product, gate in walk.gates:
-        at, out = first(gate), first(product)
-        for c in range(gate.meta[SHAPE][1]):
-            union(at + c, out + c)
+        joins.append((first(gate), 1, first(product), gate.meta[SHAPE][1]))
     for norm, size in walk.tied:
-        at = first(norm)
-        for c in range(walk.width[walk.root_of(norm)]):
-            union(at + c - c % size, at + c)
-    tainted: dict[int, str] = {}
-    for s, b in base.items():
-        if why[s] is not None:
-            for c in range(width[s]):
-                tainted.setdefault(find(b + c), why[s])
-    # By class: the stems' rows and the member entries (node, channel), every entry and
-    # every reader's columns by node name (as ChannelSlice holds them).
-    rows: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
-    held: dict[int, list[tuple[fx.Node, int]]] = defaultdict(list)
-    entries: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    columns: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
-    for stem in walk.stems:
-        at = first(stem)
-        for c in range(width[walk.root_of(stem)]):
-            rows[find(at + c)].append((stem, c))
-    for holder, member in walk.holders:
-        at, name = first(holder), holder.name
-        for c in range(width[walk.root_of(holder)]):
-            r = find(at + c)
-            entries[r].append((name, c))
-            if member:
-                held[r].append((holder, c))
-    for reader, x in walk.readers:
-        at, block, name = first(x), walk.block[x], reader.name
-        for c in range(width[walk.root_of(x)]):
-            columns[find(at + c)].append((name, c * block, block))
-    return rows, held, entries, columns, tainted
+        at, width = first(norm), walk.width[walk.root_of(norm)]
+        joins += [(at + c, 0, at + c, min(size, width - c)) for c in range(0, width, size)]
+    a, step, b, length = zip(*joins) if joins else ((), (), (), ())
+    return base, _roots(n, _ranges(a, length, step), _ranges(b, length))
 
 
-def find_channel_groups(
-    graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]
-) -> tuple[list[GeZIG], list[Exclusion], dict[str, ChannelLayer], dict[int, ChannelSlice]]:
-    """One group per channel (see module docstring), ids from ``first_id`` (operation groups come first).
+@dataclass(frozen=True)
+class _Classes:
+    """The channel classes of a graph as plain data, enough to make their groups (``_expand``).
+
+    Node ``name``'s channel ``c`` is channel ``at + c`` of the graph, of class ``roots[at + c]``;
+    ``order``: the classes that form groups, in id order from ``first_id``; ``per_row``: per stem
+    and member holder, (parameter, dim, elements per channel) of its variables.
+    """
+
+    first_id: int
+    roots: np.ndarray
+    order: np.ndarray
+    stems: tuple[tuple[str, int, int], ...]  # (name, at, channels)
+    holders: tuple[tuple[str, int, int, bool], ...]  # (name, at, channels, entries are members)
+    readers: tuple[tuple[str, int, int, int], ...]  # (reading stem, at, channels, columns per channel)
+    per_row: dict[str, list[tuple[str, int, int]]]
+
+
+class ChannelGroups:
+    """What ``find_channel_groups`` finds: ``layers``, ``excluded`` and ``params`` (the parameters
+    the groups hold) at once, the ``groups`` and their ``slices`` on first use.
+
+    One group per class of channels is most of the pass's time (efficientnet_b0: 11,000 groups of
+    77,000 members, more than the rest of ``build_space``), so the classes are found per layer
+    on arrays, and each channel's group is made only when the groups are read.
+    """
+
+    def __init__(self, layers: dict[str, ChannelLayer], excluded: list[Exclusion], params: set[str],
+                 classes: _Classes):
+        self.layers = layers
+        self.excluded = excluded
+        self.params = params
+        self._classes = classes
+
+    @functools.cached_property
+    def _made(self) -> tuple[list[GeZIG], dict[int, ChannelSlice]]:
+        with _collector_paused():
+            return _expand(self._classes)
+
+    @property
+    def groups(self) -> list[GeZIG]:
+        return self._made[0]
+
+    @property
+    def slices(self) -> dict[int, ChannelSlice]:
+        return self._made[1]
+
+
+def find_channel_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]) -> ChannelGroups:
+    """One group per class of channels (see module docstring), ids from ``first_id`` (operation groups come first).
 
     ``taken``: nodes the operation groups keep whole; a stem or per-channel module
     among them taints its channels, so that the groups of both kinds stay disjoint.
-    Returns the groups, the stems set aside (one ``Exclusion`` each, with the
-    reason), the stems whose channels lie in groups, and what each group slices.
+    Returns the stems whose channels lie in groups (``layers``), the stems set aside
+    (``excluded``, one ``Exclusion`` each, with the reason) and, made on first use, the
+    groups and what each slices.
     """
-    with _collector_paused():
-        return _find(graph, root, first_id, taken)
+    walk = _Walk(graph, root, taken)
+    base, roots = _channels(walk)
+
+    def at(node: fx.Node) -> tuple[int, int]:
+        """The node's first channel in ``roots`` and its number of channels."""
+        return base[walk.root_of(node)], walk.width[walk.root_of(node)]
+
+    grouped, order, fates = _fates(walk, base, roots, [at(stem) for stem in walk.stems])
+    per_row = {node.name: _per_row(node, root) for node in [*walk.stems, *(h for h, member in walk.holders if member)]}
+    chains: dict[int, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if SEGMENT in node.meta:
+            chains[node.meta[SEGMENT]].append(node)
+    excluded, layers, params = [], {}, set()
+    for stem, (width, lost, taint, shared) in zip(walk.stems, fates):
+        if lost or not width:
+            reason = taint or walk.why[walk.root_of(stem)] or "its channels reach no stem"
+            share = f"{lost} of its {width} output channels: " if lost < width else ""
+            excluded.append(Exclusion((stem.name,), f"channels: {share}{reason}"))
+        if lost < width:
+            layers[stem.name] = ChannelLayer(stem.name, width, None if shared else _erased_with(stem, walk, chains))
+            params.update(p for p, _, _ in per_row[stem.name])
+    for holder, member in walk.holders:
+        first, width = at(holder)
+        if member and grouped[roots[first:first + width]].any():
+            params.update(p for p, _, _ in per_row[holder.name])
+    classes = _Classes(first_id, roots, order, tuple((stem.name, *at(stem)) for stem in walk.stems),
+                       tuple((holder.name, *at(holder), member) for holder, member in walk.holders),
+                       tuple((reader.name, *at(x), walk.block[x]) for reader, x in walk.readers), per_row)
+    return ChannelGroups(layers, excluded, params, classes)
+
+
+def _fates(walk: _Walk, base: dict[int, int], roots: np.ndarray, stems: list[tuple[int, int]]):
+    """Which classes form groups, and what becomes of each stem's rows (``stems``: first channel, width).
+
+    A class takes the taint of the first tainted space among its channels' and forms a group when
+    it has none and holds some stem's rows; groups are in the order of their first rows.  Per
+    stem: its width, how many of its rows lie in tainted classes, the taint of the first such
+    class in that order, and whether a class it has rows in holds another stem's rows too.
+    Returns the per-class mask, the classes in group order and the per-stem fates.
+    """
+    n = len(roots)
+    spaces = list(base)
+    taint = np.full(n, _NONE)
+    np.minimum.at(taint, roots, np.repeat(np.array([s if walk.why[s] is not None else _NONE for s in spaces], np.int64),
+                                          np.array([walk.width[s] for s in spaces], np.int64)))
+    widths = np.array([width for _, width in stems], np.int64)
+    row_class = roots[_ranges([first for first, _ in stems], widths)]
+    row_stem = np.repeat(np.arange(len(stems)), widths)
+    first_row, first_stem, last_stem = np.full(n, _NONE), np.full(n, _NONE), np.full(n, -1)
+    np.minimum.at(first_row, row_class, np.arange(len(row_class)))
+    np.minimum.at(first_stem, row_class, row_stem)
+    np.maximum.at(last_stem, row_class, row_stem)
+    grouped = (taint == _NONE) & (first_row != _NONE)
+    order = np.flatnonzero(grouped)
+    order = order[np.argsort(first_row[order])]
+    lost_rows = ~grouped[row_class]
+    lost = np.bincount(row_stem, weights=lost_rows, minlength=len(stems)).astype(np.int64).tolist()
+    shared = np.bincount(row_stem, weights=first_stem[row_class] != last_stem[row_class], minlength=len(stems))
+    lost_keys = np.where(lost_rows, first_row[row_class], _NONE)
+    fates = []
+    for start, width, k in zip(np.cumsum(widths) - widths, widths.tolist(), range(len(stems))):
+        first = int(np.argmin(lost_keys[start:start + width])) + start if lost[k] else None
+        fates.append((width, lost[k], walk.why[taint[row_class[first]]] if lost[k] else None, bool(shared[k])))
+    return grouped, order, fates
+
+
+def _per_row(node: fx.Node, root: nn.Module) -> list[tuple[str, int, int]]:
+    """(parameter name, dim, elements per channel) of the node's variables (a transposed
+    convolution's weight holds its output channels along dim 1)."""
+    transposed = node.op == "call_module" and isinstance(submodule(root, node.target), nn.modules.conv._ConvTransposeNd)
+    return [(name, d, p.numel() // p.shape[d]) for name, p in own_parameters(node, root)
+            for d in [1 if transposed and p.dim() > 1 else 0]]
+
+
+def _expand(classes: _Classes) -> tuple[list[GeZIG], dict[int, ChannelSlice]]:
+    """One group per class in ``classes.order``: its stems' rows and member entries, its slices."""
+    roots = classes.roots.tolist()
+    rows: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    held: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    entries: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    columns: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
+    for name, at, width in classes.stems:
+        for c in range(width):
+            rows[roots[at + c]].append((name, c))
+    for name, at, width, member in classes.holders:
+        for c in range(width):
+            r = roots[at + c]
+            entries[r].append((name, c))
+            if member:
+                held[r].append((name, c))
+    for name, at, width, block in classes.readers:
+        for c in range(width):
+            columns[roots[at + c]].append((name, c * block, block))
+    groups: list[GeZIG] = []
+    slices: dict[int, ChannelSlice] = {}
+    for gid, r in enumerate(classes.order.tolist(), classes.first_id):
+        members: list[Member] = []
+        numel = 0
+        for name, c in rows[r] + held[r]:
+            for param, d, n in classes.per_row[name]:
+                members.append(Member(param, d, c, c + 1))
+                numel += n
+        cut = tuple(rows[r])
+        nodes = tuple(dict.fromkeys([name for name, _ in cut] + [name for name, _ in entries[r]]))
+        groups.append(GeZIG(gid, -1, nodes, tuple(members), numel, kind="channel"))
+        slices[gid] = ChannelSlice(cut, tuple(entries[r]), tuple(columns[r]))
+    return groups, slices
 
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Pause Python's cyclic garbage collector: the passes make hundreds of thousands of small
-    tuples (resnet50: 26,000 channels), and each collection would walk the traced graph and its
-    metadata again (twice the build time).  Nothing made here forms a cycle that must go early."""
+    """Pause Python's cyclic garbage collector: the groups are hundreds of thousands of small
+    objects (resnet50: 26,000 channels), and each collection would walk the traced graph and its
+    metadata again (twice the time).  Nothing made here forms a cycle that must go early."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -547,62 +698,6 @@ def _collector_paused():
         if enabled:
             gc.enable()
 
-
-def _find(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str]):
-    walk = _Walk(graph, root, taken)
-    rows, held, entries, columns, tainted = _channels(walk)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    # Per node whose entries are members: (parameter name, dim, elements per channel) of its variables
-    # (a transposed convolution's weight holds its output channels along dim 1).
-    per_row = {}
-    for node in [*walk.stems, *(h for h, member in walk.holders if member)]:
-        transposed = node.op == "call_module" and isinstance(submodule(root, node.target),
-                                                              nn.modules.conv._ConvTransposeNd)
-        per_row[node] = [(name, d, p.numel() // p.shape[d]) for name, p in own_parameters(node, root)
-                         for d in [1 if transposed and p.dim() > 1 else 0]]
-    groups: list[GeZIG] = []
-    slices: dict[int, ChannelSlice] = {}
-    lost: dict[fx.Node, list[str]] = defaultdict(list)
-    kept: dict[fx.Node, int] = defaultdict(int)
-    classes = sorted(rows, key=lambda r: (order[rows[r][0][0]], rows[r][0][1]))
-    for r in classes:
-        if r in tainted:
-            for stem, _ in rows[r]:
-                lost[stem].append(tainted[r])
-            continue
-        members: list[Member] = []
-        numel = 0
-        for node, c in rows[r] + held[r]:
-            for name, d, n in per_row[node]:
-                members.append(Member(name, d, c, c + 1))
-                numel += n
-        cut = [(node.name, c) for node, c in rows[r]]
-        for node, _ in rows[r]:
-            kept[node] += 1
-        nodes = tuple(dict.fromkeys([name for name, _ in cut] + [name for name, _ in entries[r]]))
-        gid = first_id + len(groups)
-        groups.append(GeZIG(gid, -1, nodes, tuple(members), numel, kind="channel"))
-        slices[gid] = ChannelSlice(tuple(cut), tuple(entries[r]), tuple(columns[r]))
-    excluded = []
-    for stem in walk.stems:
-        if stem in lost or not kept[stem]:
-            reasons = lost.get(stem) or [walk.why[walk.root_of(stem)] or "its channels reach no stem"]
-            total = len(reasons) + kept[stem]
-            share = f"{len(reasons)} of its {total} output channels: " if kept[stem] else ""
-            excluded.append(Exclusion((stem.name,), f"channels: {share}{reasons[0]}"))
-    alone = {stem: True for stem in walk.stems}
-    for r in classes:
-        if len({node for node, _ in rows[r]}) > 1:
-            for node, _ in rows[r]:
-                alone[node] = False
-    chains: dict[int, list[fx.Node]] = defaultdict(list)
-    for node in graph.nodes:
-        if SEGMENT in node.meta:
-            chains[node.meta[SEGMENT]].append(node)
-    layers = {stem.name: ChannelLayer(stem.name, walk.width[walk.root_of(stem)],
-                                      _erased_with(stem, walk, chains) if alone[stem] else None)
-              for stem in walk.stems if kept[stem]}
-    return groups, excluded, layers, slices
 
 
 def _erased_with(stem: fx.Node, walk: _Walk, chains: dict[int, list[fx.Node]]) -> int | None:

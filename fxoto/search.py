@@ -41,15 +41,15 @@ def build_space(
     graph = trace(model, example_inputs, leaf_modules, concrete_args)
     annotate_rules(graph, model, op_table)
     segments = cut_segments(graph)
-    groups, excluded, layers, slices = [], [], {}, {}
+    groups, excluded, channels = [], [], None
     if structures != "channels":
         groups, excluded = find_gezigs(graph, model, segments)
     if structures != "operations":
         taken = _decisive_nodes(groups, segments, graph, model)
-        channel_groups, channel_excluded, layers, slices = find_channel_groups(graph, model, len(groups), taken)
-        groups = _without_channels(groups, channel_groups, model) + channel_groups
-        excluded = excluded + channel_excluded
-    return SearchSpace(model, graph, segments, groups, excluded, layers, slices)
+        channels = find_channel_groups(graph, model, len(groups), taken)
+        groups = _without_channels(groups, channels.params, model)
+        excluded = excluded + channels.excluded
+    return SearchSpace(model, graph, segments, groups, excluded, channels)
 
 
 def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Graph, root: nn.Module) -> set[str]:
@@ -77,9 +77,8 @@ def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Grap
     return decisive
 
 
-def _without_channels(groups: list[GeZIG], channel_groups: list[GeZIG], root: nn.Module) -> list[GeZIG]:
-    """The operation groups less the parameters that channel groups hold (``_decisive_nodes``)."""
-    held = {m.param for g in channel_groups for m in g.members}
+def _without_channels(groups: list[GeZIG], held: set[str], root: nn.Module) -> list[GeZIG]:
+    """The operation groups less the parameters that channel groups hold (``held``, ``_decisive_nodes``)."""
     if not held:
         return groups
     params = dict(root.named_parameters(remove_duplicate=False))

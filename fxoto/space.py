@@ -15,6 +15,7 @@ import operator
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,9 @@ from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion,
                             own_parameters, runs, source_indices, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
+
+if TYPE_CHECKING:
+    from fxoto.channels import ChannelGroups, ChannelSlice
 
 
 PAIRS_TRIED = 2000  # select_removal's pair search: validity checks cost O(segments) each
@@ -210,26 +214,19 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG],
-                 excluded: list[Exclusion], layers: dict | None = None, slices: dict | None = None):
+                 excluded: list[Exclusion], channels: ChannelGroups | None = None):
         self.model = model
         self.graph = graph
         self.segments = segments
-        self.groups = groups
         self.excluded = excluded
         # Channel groups (fxoto.channels): the stems whose output channels lie in groups
-        # (ChannelLayer, by stem node name), and what each group slices (ChannelSlice, by id).
-        self.layers = layers or {}
-        self.slices = slices or {}
+        # (ChannelLayer, by stem node name); the groups, after ``groups``' operation groups,
+        # and what each slices (``slices``) are made on first use.
+        self.layers = channels.layers if channels is not None else {}
+        self._operations = groups
+        self._channels = channels
         nodes = {n.name: n for n in graph.nodes}
-        self._seg_of_group = [g.segment if g.kind == "operation" else None for g in groups]
         self._segment_of_node = {name: seg.id for seg in segments for name in seg.nodes}
-        # Per channel group: how many output channels of each stem it removes.
-        self._rows_of_group: list[dict[str, int] | None] = [None] * len(groups)
-        for i, cut in self.slices.items():
-            rows: dict[str, int] = {}
-            for stem, _ in cut.rows:
-                rows[stem] = rows.get(stem, 0) + 1
-            self._rows_of_group[i] = rows
         # Per segment: joint kind of its head and which inputs carry the output
         # shape (an add whose only full-shape operands are gone is not fed).
         self._joint = []
@@ -250,6 +247,31 @@ class SearchSpace:
                 self._users[i].append(seg.id)
         self._output = next(s.id for s in segments if s.kind == "output")
         self._largest: dict[str | None, list[int]] = {}  # greedy walks by kind (None: all), see _largest_walk
+
+    @functools.cached_property
+    def groups(self) -> list[GeZIG]:
+        """Every group by id: the operation groups, then the channel groups (made on first use)."""
+        return self._operations + (self._channels.groups if self._channels is not None else [])
+
+    @functools.cached_property
+    def slices(self) -> dict[int, ChannelSlice]:
+        """What each channel group slices (``fxoto.channels.ChannelSlice``), by group id."""
+        return self._channels.slices if self._channels is not None else {}
+
+    @functools.cached_property
+    def _seg_of_group(self) -> list[int | None]:
+        return [g.segment if g.kind == "operation" else None for g in self.groups]
+
+    @functools.cached_property
+    def _rows_of_group(self) -> list[dict[str, int] | None]:
+        """Per channel group: how many output channels of each stem it removes."""
+        rows_of_group: list[dict[str, int] | None] = [None] * len(self.groups)
+        for i, cut in self.slices.items():
+            rows: dict[str, int] = {}
+            for stem, _ in cut.rows:
+                rows[stem] = rows.get(stem, 0) + 1
+            rows_of_group[i] = rows
+        return rows_of_group
 
     @functools.cached_property
     def _params(self) -> dict[str, nn.Parameter]:
