@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -652,37 +653,54 @@ def _per_row(node: fx.Node, root: nn.Module) -> list[tuple[str, int, int]]:
 
 def _expand(classes: _Classes) -> tuple[list[GeZIG], dict[int, ChannelSlice]]:
     """One group per class in ``classes.order``: its stems' rows and member entries, its slices."""
-    roots = classes.roots.tolist()
-    rows: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    held: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    entries: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    columns: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
-    for name, at, width in classes.stems:
-        for c in range(width):
-            rows[roots[at + c]].append((name, c))
-    for name, at, width, member in classes.holders:
-        for c in range(width):
-            r = roots[at + c]
-            entries[r].append((name, c))
-            if member:
-                held[r].append((name, c))
-    for name, at, width, block in classes.readers:
-        for c in range(width):
-            columns[roots[at + c]].append((name, c * block, block))
+    group_of = np.full(len(classes.roots), -1)
+    group_of[classes.order] = np.arange(len(classes.order))
+
+    def per_group(nodes, blocks=None) -> list[list[tuple]]:
+        return _per_group(classes.roots, group_of, len(classes.order), nodes, blocks)
+
+    rows = per_group(classes.stems)
+    held = per_group([(name, at, width) for name, at, width, member in classes.holders if member])
+    entries = per_group([(name, at, width) for name, at, width, _ in classes.holders])
+    columns = per_group([(name, at, width) for name, at, width, _ in classes.readers],
+                        [block for *_, block in classes.readers])
     groups: list[GeZIG] = []
     slices: dict[int, ChannelSlice] = {}
-    for gid, r in enumerate(classes.order.tolist(), classes.first_id):
+    for gid, cut, held_here, entries_here, columns_here in zip(itertools.count(classes.first_id), rows, held,
+                                                               entries, columns):
         members: list[Member] = []
         numel = 0
-        for name, c in rows[r] + held[r]:
+        for name, c in cut + held_here:
             for param, d, n in classes.per_row[name]:
                 members.append(Member(param, d, c, c + 1))
                 numel += n
-        cut = tuple(rows[r])
-        nodes = tuple(dict.fromkeys([name for name, _ in cut] + [name for name, _ in entries[r]]))
+        nodes = tuple(dict.fromkeys([name for name, _ in cut] + [name for name, _ in entries_here]))
         groups.append(GeZIG(gid, -1, nodes, tuple(members), numel, kind="channel"))
-        slices[gid] = ChannelSlice(cut, tuple(entries[r]), tuple(columns[r]))
+        slices[gid] = ChannelSlice(tuple(cut), tuple(entries_here), tuple(columns_here))
     return groups, slices
+
+
+def _per_group(roots: np.ndarray, group_of: np.ndarray, count: int, nodes: Sequence[tuple[str, int, int]],
+               blocks: Sequence[int] | None = None) -> list[list[tuple]]:
+    """Per group, ``(name, c)`` for each channel ``c`` of ``nodes`` (name, first channel, width) whose
+    class forms it (``group_of``, by class: the group's index, or -1), in node then channel order;
+    with ``blocks`` (one per node), ``(name, c * block, block)``."""
+    names = [name for name, _, _ in nodes]
+    starts = np.array([at for _, at, _ in nodes], np.int64)
+    widths = np.array([width for _, _, width in nodes], np.int64)
+    channels = _ranges(starts, widths)
+    group = group_of[roots[channels]]
+    keep = np.flatnonzero(group >= 0)
+    keep = keep[np.argsort(group[keep], kind="stable")]
+    within = (channels - np.repeat(starts, widths))[keep]
+    names = np.repeat(np.array(names, dtype=object), widths)[keep].tolist()
+    if blocks is None:
+        items = list(zip(names, within.tolist()))
+    else:
+        block = np.repeat(np.array(blocks, np.int64), widths)[keep]
+        items = list(zip(names, (within * block).tolist(), block.tolist()))
+    bounds = np.searchsorted(group[keep], np.arange(count + 1)).tolist()
+    return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
 
 
 @contextlib.contextmanager
