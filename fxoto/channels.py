@@ -20,7 +20,12 @@ wherever they go, found in two passes.
    channels of one group of a group norm go together; a gate's channel ``c``
    goes with the channel ``c`` it scales; the input and output channels of one
    group of a grouped convolution go together (its weight rows of that group
-   join the group: the channels it reads are gone).
+   join the group: the channels it reads are gone).  It runs on arrays, one
+   range of channels per join (``_roots``), and the stems' fates (``_fates``:
+   which rows lie in tainted classes, which layers share a class) are counted
+   on them too, so that ``build_space`` costs about the same per layer however
+   wide the layers are.  The groups themselves, one per class, are made on
+   first use (``ChannelGroups``, ``SearchSpace.groups``).
 
 A group holds the rows of every stem that produces its channels (weight row and
 bias entry) and the entries of every per-channel variable whose zero is needed
@@ -541,9 +546,10 @@ class ChannelGroups:
     """What ``find_channel_groups`` finds: ``layers``, ``excluded`` and ``params`` (the parameters
     the groups hold) at once, the ``groups`` and their ``slices`` on first use.
 
-    One group per class of channels is most of the pass's time (efficientnet_b0: 11,000 groups of
-    77,000 members, more than the rest of ``build_space``), so the classes are found per layer
-    on arrays, and each channel's group is made only when the groups are read.
+    Making one group per class of channels costs several times the rest of ``build_space``
+    (efficientnet_b0: 11,000 groups of 77,000 members, about 200 ms against 25), so the classes
+    are found per layer on arrays and the groups are made when first read (``SearchSpace.groups``),
+    as the ``GraphModule`` is (``SearchSpace.gm``).
     """
 
     def __init__(self, layers: dict[str, ChannelLayer], excluded: list[Exclusion], params: set[str],
