@@ -85,6 +85,8 @@ def test_random_channel_removals_are_exact(seed):
     assert sub.get_submodule("3").in_channels == kept["_0"]
     assert sub.get_submodule("1").running_mean.shape == (kept["_0"],)
     assert sub.get_submodule("12").in_features == kept["_6"] * 16
+    theirs = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not theirs & {t.data_ptr() for t in [*sub.parameters(), *sub.buffers()]}  # its own copies
 
 
 def test_all_channels_of_a_layer_cannot_go():

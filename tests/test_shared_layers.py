@@ -108,6 +108,7 @@ def test_shared_weight_keeps_its_sharing_and_each_site_reads_its_slice():
     a = next(g.id for g in space.groups if g.nodes == ("a",))
     sub = check_subnet(model, x, [a], space)
     assert sub.mix.weight.shape == model.mix.weight.shape  # whole: the other site still reads 8 channels
+    assert sub.mix.weight is not model.mix.weight and sub.mix.weight.data_ptr() != model.mix.weight.data_ptr()
     selects = [n for n in sub.graph.nodes if n.target is torch.index_select]
     assert len(selects) == 1  # only the site whose concat lost channels reads a slice
 
