@@ -643,9 +643,12 @@ def _fates(walk: _Walk, base: dict[int, int], roots: np.ndarray, stems: list[tup
     shared = np.bincount(row_stem, weights=first_stem[row_class] != last_stem[row_class], minlength=len(stems))
     lost_keys = np.where(lost_rows, first_row[row_class], _NONE)
     fates = []
-    for start, width, k in zip(np.cumsum(widths) - widths, widths.tolist(), range(len(stems))):
-        first = int(np.argmin(lost_keys[start:start + width])) + start if lost[k] else None
-        fates.append((width, lost[k], walk.why[taint[row_class[first]]] if lost[k] else None, bool(shared[k])))
+    for k, (start, width) in enumerate(zip((np.cumsum(widths) - widths).tolist(), widths.tolist())):
+        why = None
+        if lost[k]:
+            first = start + int(np.argmin(lost_keys[start:start + width]))  # the stem's first lost row, in group order
+            why = walk.why[taint[row_class[first]]]
+        fates.append((width, lost[k], why, bool(shared[k])))
     return grouped, order, fates
 
 
