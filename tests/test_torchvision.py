@@ -19,6 +19,13 @@ class Case:
     model: nn.Module
     x: torch.Tensor
     original: dict
+    operations: fxoto.SearchSpace | None = None
+
+    def space(self) -> fxoto.SearchSpace:
+        """The operations search space, built once for both tests (a space keeps no state of its own)."""
+        if self.operations is None:
+            self.operations = fxoto.build_space(self.model, (self.x,))
+        return self.operations
 
     @torch.no_grad()
     def reset(self):
@@ -38,7 +45,7 @@ def case(request):
 
 def test_search_space_of_torchvision_model(case):
     case.reset()
-    space = fxoto.build_space(case.model, (case.x,))
+    space = case.space()
     recorded = {n.name: n.meta[SHAPE] for n in space.graph.nodes}
     assert recorded == real_shapes(space.graph, case.model, (case.x,)), f"{case.name}: recorded shapes differ from a real run's"
     if case.name in NO_JOINT:
@@ -63,7 +70,7 @@ def test_search_space_of_torchvision_model(case):
 
 def test_subnet_of_torchvision_model_is_exact(case):
     case.reset()
-    space = fxoto.build_space(case.model, (case.x,))
+    space = case.space()
     if not space.groups:
         assert case.name in NO_JOINT
         return
