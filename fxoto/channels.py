@@ -53,9 +53,7 @@ any reader's columns.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -70,7 +68,7 @@ from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
 from fxoto.segments import (LIVE, RULE, SEGMENT, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data,
                             is_joint, own_parameters, users)
 from fxoto.shapes import SHAPE, submodule
-from fxoto.space import Exclusion, GeZIG, Member
+from fxoto.space import Exclusion, GeZIG, Member, _collector_paused, _ranges
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
@@ -468,15 +466,6 @@ def _reads_other_dims(size: fx.Node, dim: int | None, ndim: int) -> bool:
 _NONE = np.iinfo(np.int64).max  # no such index, in the arrays per class
 
 
-def _ranges(starts: Sequence[int], lengths: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
-    """``range(s, s + n)`` for each start ``s`` and length ``n``, concatenated (with ``steps``:
-    ``s + step * i`` for ``i`` in ``range(n)``)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    steps = within if steps is None else np.repeat(np.asarray(steps, dtype=np.int64), lengths) * within
-    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + steps
-
-
 def _roots(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per channel, the least channel of its class once each ``a[i]`` is joined to ``b[i]``: a
     union-find keeping the earlier channel as the root, on arrays (hook roots, then compress)."""
@@ -710,21 +699,6 @@ def _per_group(roots: np.ndarray, group_of: np.ndarray, count: int, nodes: Seque
         items = list(zip(names, (within * block).tolist(), block.tolist()))
     bounds = np.searchsorted(group[keep], np.arange(count + 1)).tolist()
     return [items[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause Python's cyclic garbage collector: the groups are hundreds of thousands of small
-    objects (resnet50: 26,000 channels), and each collection would walk the traced graph and its
-    metadata again (twice the time).  Nothing made here forms a cycle that must go early."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
 
 
 def _erased_with(stem: fx.Node, walk: _Walk, chains: dict[int, list[fx.Node]]) -> int | None:

@@ -10,13 +10,17 @@ and the sub-network rewrite both call; it holds the channel groups of
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import operator
 import itertools
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -265,6 +269,10 @@ class SearchSpace:
     @functools.cached_property
     def _rows_of_group(self) -> list[dict[str, int] | None]:
         """Per channel group: how many output channels of each stem it removes."""
+        with _collector_paused():
+            return self._count_rows()
+
+    def _count_rows(self) -> list[dict[str, int] | None]:
         rows_of_group: list[dict[str, int] | None] = [None] * len(self.groups)
         for i, cut in self.slices.items():
             rows: dict[str, int] = {}
@@ -380,15 +388,48 @@ class SearchSpace:
 
     @torch.no_grad()
     def zero_(self, ids: Iterable[int]) -> None:
-        """Set these groups exactly to zero, in place (in the user's parameters)."""
-        for i in self._known(ids):
-            for t in self.tensors(i):
-                t.zero_()
+        """Set these groups exactly to zero, in place (in the user's parameters): one write per
+        parameter, however many channel groups hold its rows."""
+        chosen = np.zeros(len(self.groups), dtype=bool)
+        chosen[self._known(ids)] = True
+        for (name, dim), (group, start, stop) in self._members_by_param.items():
+            take = chosen[group]
+            if not take.any():
+                continue
+            p = self._params[name]
+            if dim is None:
+                p.zero_()
+            else:
+                rows = _ranges(start[take], stop[take] - start[take])
+                p.index_fill_(dim, torch.from_numpy(rows).to(p.device), 0)
 
     @torch.no_grad()
     def zero_groups(self) -> list[int]:
-        """Ids of the groups whose members are all exactly zero now."""
-        return [g.id for g in self.groups if all(not t.any() for t in self.tensors(g))]
+        """Ids of the groups whose members are all exactly zero now (one read per parameter)."""
+        nonzero = np.zeros(len(self.groups), dtype=np.int64)
+        for (name, dim), (group, start, stop) in self._members_by_param.items():
+            p = self._params[name]
+            if dim is None:
+                if p.any():
+                    nonzero[group] += 1
+                continue
+            rows = p.detach().movedim(dim, 0).reshape(p.shape[dim], -1).ne(0).any(1)
+            before = np.concatenate([[0], np.cumsum(rows.cpu().numpy())])  # nonzero rows before each row
+            np.add.at(nonzero, group, before[stop] > before[start])
+        return np.flatnonzero(nonzero == 0).tolist()
+
+    @functools.cached_property
+    def _members_by_param(self) -> dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every group's members, by (parameter, dim): arrays of their group ids, starts and stops."""
+        with _collector_paused():
+            return self._tabulate_members()
+
+    def _tabulate_members(self) -> dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        table: dict[tuple[str, int | None], list[tuple[int, int, int]]] = defaultdict(list)
+        for g in self.groups:
+            for m in g.members:
+                table[(m.param, m.dim)].append((g.id, m.start, m.stop))
+        return {key: tuple(np.array(column, dtype=np.int64) for column in zip(*rows)) for key, rows in table.items()}
 
     def construct_subnet(self, ids: Iterable[int] | None = None) -> fx.GraphModule:
         """The sub-network: a new GraphModule with every exactly-zero group erased (paper 3.3).
@@ -606,3 +647,27 @@ def select_per_kind(space: SearchSpace, order: Sequence[int], counts: dict[str, 
         raise KTooLargeError(f"the {sum(counts.values())} groups chosen per kind ({counts}) are valid kind by kind "
                              f"but not together in {type(space.model).__name__}; give K as one number")
     return chosen
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Pause Python's cyclic garbage collector while many small objects are made: the channel
+    groups are hundreds of thousands of them (resnet50: 26,000 channels), and each collection
+    would walk the traced graph, its metadata and the groups made so far again (20x the time of
+    ``_rows_of_group`` on efficientnet_v2_l).  Nothing made there forms a cycle that must go early."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _ranges(starts: Sequence[int], lengths: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
+    """``range(s, s + n)`` for each start ``s`` and length ``n``, concatenated (with ``steps``:
+    ``s + step * i`` for ``i`` in ``range(n)``)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    steps = within if steps is None else np.repeat(np.asarray(steps, dtype=np.int64), lengths) * within
+    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + steps

@@ -618,3 +618,20 @@ def test_squeeze_and_excitation_gates_go_with_the_channels_they_scale():
     assert [g.nodes[0] for g in space.groups if g.nodes[0] != "expand"] == ["fc1"] * 3
     sub = assert_exact(space, [0, 2, 3, 6], X)
     assert sub.get_submodule("fc2").out_channels == sub.get_submodule("project").in_channels == 3
+
+
+@pytest.mark.parametrize("structures", ["channels", "both"])
+def test_zero_groups_finds_exactly_the_zeroed_groups(structures):
+    """``zero_`` writes each parameter once and ``zero_groups`` reads each once (tens of thousands
+    of channel groups): both agree with the group-by-group definition on the live tensors."""
+    model = randomize_(Residual().eval())
+    space = fxoto.build_space(model, X, structures=structures)
+    assert space.zero_groups() == []
+    ids = space.sample_removal(0.5, seed=3)
+    space.zero_(ids)
+    by_group = [g.id for g in space.groups if all(not t.any() for t in space.tensors(g))]
+    assert space.zero_groups() == by_group == sorted(ids)
+    with torch.no_grad():  # one row of a zeroed group's stem back: that group alone is no longer zero
+        i = next(i for i in ids if space.groups[i].kind == "channel")
+        space.tensors(i)[0].fill_(0.5)
+    assert space.zero_groups() == sorted(set(ids) - {i})
