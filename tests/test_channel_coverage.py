@@ -1,13 +1,10 @@
-"""tools/channel_coverage.py: fxoto's channels beside torch-pruning's (needs the bench extra)."""
+"""tools/channel_coverage.py: fxoto's channels beside torch-pruning's (torch-pruning is in the test extra)."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-
-pytest.importorskip("torch_pruning")
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "channel_coverage.py"
 
