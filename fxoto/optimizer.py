@@ -60,6 +60,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -299,44 +300,45 @@ def _rows(t: Tensor, dim: int) -> Tensor:
 
 
 def _dots(x: Tensor, v: Tensor) -> list[Tensor]:
-    """||x||^2, x.v, ||v||^2: the squares from norms, one read of the tensor each where a dot
-    product of a tensor with itself reads it twice."""
+    """||x||, x.v, ||v||: the norms one read of the tensor each, where a dot product of a tensor
+    with itself reads it twice (``_products`` squares them in float64, for every row at once)."""
     x, v = _flat(x), _flat(v)
-    return [torch.linalg.vector_norm(x).square(), torch.dot(x, v), torch.linalg.vector_norm(v).square()]
+    return [torch.linalg.vector_norm(x), torch.dot(x, v), torch.linalg.vector_norm(v)]
 
 
 ROW_BLOCK = 1 << 20  # elements per block of rows in _row_dots: its temporary stays in the cache
 
 
 def _row_dots(x: Tensor, v: Tensor | None, dim: int) -> Tensor:
-    """[rows, 3]: ||x||^2, x.v, ||v||^2 of each slice along ``dim`` (v None: ||x||^2, 0, 0).
+    """[rows, 3]: ||x||, x.v, ||v|| of each slice along ``dim`` (v None: ||x||, 0, 0), in x's dtype
+    (``_products`` casts and squares every parameter's rows at once: few calls per parameter,
+    which is what a step over a ResNet's 160 parameters pays for beside the arithmetic).
 
     Norms are one read each; x.v is taken in blocks of rows of at most ``ROW_BLOCK``
     elements, so that its temporary x * v stays small (a linear layer's weight can hold a
     hundred million)."""
     xr = _rows(x, dim)
-    xx = torch.linalg.vector_norm(xr, dim=1).double().square()
+    xx = torch.linalg.vector_norm(xr, dim=1)
     if v is None:
-        zero = torch.zeros_like(xx)
-        return torch.stack([xx, zero, zero], 1)
+        return F.pad(xx.unsqueeze(1), (0, 2))
     vr = _rows(v, dim)
     step = max(1, ROW_BLOCK // max(1, xr.shape[1]))
     if xr.shape[0] <= step:
         xv = torch.linalg.vecdot(xr, vr, dim=1)
     else:
         xv = torch.cat([torch.linalg.vecdot(xb, vb, dim=1) for xb, vb in zip(xr.split(step), vr.split(step))])
-    return torch.stack([xx, xv.double(), torch.linalg.vector_norm(vr, dim=1).double().square()], 1)
+    return torch.stack([xx, xv, torch.linalg.vector_norm(vr, dim=1)], 1)
 
 
 def _foreach_dots(xs: list[Tensor], vs: list[Tensor]) -> Tensor:
-    """[M, 3]: ||x||^2, x.v, ||v||^2 per pair, in multi-tensor calls.
+    """[M, 3]: ||x||, x.v, ||v|| per pair, in multi-tensor calls (float64).
 
     torch has no multi-tensor inner product or sum; x.v is the 1-norm of the products'
     positive part twice, less the 1-norm of all of them, which keeps its error to rounding
     of |x||v| (polarization, ||x + v||^2 - ||x||^2 - ||v||^2, loses a gradient much smaller
     than its weights: v vanishes from x + v)."""
-    xx = torch.stack(torch._foreach_norm(xs)).double().square()
-    vv = torch.stack(torch._foreach_norm(vs)).double().square()
+    xx = torch.stack(torch._foreach_norm(xs)).double()
+    vv = torch.stack(torch._foreach_norm(vs)).double()
     products = torch._foreach_mul(xs, vs)
     total = torch.stack(torch._foreach_norm(products, 1)).double()
     torch._foreach_clamp_min_(products, 0.0)
@@ -879,10 +881,8 @@ class H2SPG(Optimizer):
 
     @staticmethod
     def _no_gradient(plan: _Plan, i: int) -> Tensor:
-        """||x||^2, 0, 0 for whole member i without a gradient this step."""
-        x = _flat(plan.params[i])
-        zero = x.new_zeros(())
-        return torch.stack([torch.dot(x, x), zero, zero])
+        """||x||, 0, 0 for whole member i without a gradient this step."""
+        return F.pad(torch.linalg.vector_norm(plan.params[i]).reshape(1), (0, 2))
 
     def _gathered(self, plan: _Plan, found: dict[int, Tensor | list[Tensor]], cs: list[float]) -> Tensor:
         """``_products`` from a single-tensor pass's inner products by plan position (``_dots``
@@ -895,16 +895,16 @@ class H2SPG(Optimizer):
         return self._products(plan, whole, rows, cs)
 
     def _products(self, plan: _Plan, whole: Tensor | None, rows: list[Tensor], cs: list[float]) -> Tensor:
-        """[R, 3] per row of the plan: ||x||^2, x.v, ||v||^2 for v = c num, from the whole
-        members' and the sliced parameters' ||x||^2, x.num, ||num||^2 ([W, 3], then [rows, 3]
+        """[R, 3] per row of the plan: ||x||^2, x.v, ||v||^2 for v = c num, in float64, from the
+        whole members' and the sliced parameters' ||x||, x.num, ||num|| ([W, 3], then [rows, 3]
         each, ``_row_dots``) and each parameter's c (step / lr: the direction is c times the
         step's numerator)."""
-        blocks = ([whole.double()] if whole is not None else []) + [r.double() for r in rows]
+        blocks = ([whole] if whole is not None else []) + rows
         if not blocks:
             return torch.zeros(0, 3, dtype=torch.float64, device=self.device)
-        rows = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        rows = (torch.cat(blocks) if len(blocks) > 1 else blocks[0]).double()
         c = self._on_device(f"c/{plan.name}", cs)[plan.row_param]
-        return rows * torch.stack([torch.ones_like(c), c, c * c], 1)
+        return rows * torch.stack([rows[:, 0], c, c * c * rows[:, 2]], 1)
 
     def _multi_tensor_rows(self, plan: _Plan, work, dirs: list[_Direction], use_direction: bool) -> Tensor:
         """``_products`` with multi-tensor norms for the whole members (``_foreach_dots``)."""
@@ -1156,23 +1156,24 @@ def _plain_step(p: Tensor, d: _Direction) -> None:
 def _scaled_steps(held: list[tuple[Tensor, _Direction | None]], a: Tensor, b: Tensor, plan: _Plan) -> None:
     """x <- a x - step b num for each parameter holding members (x <- a x where it has no
     gradient, direction None): ``a``, ``b`` are per-row vectors (``_Plan``), a parameter's
-    rows broadcast along its dim.  Multi-tensor calls (a loop in C++ where the shapes differ)."""
+    rows broadcast along its dim.  Multi-tensor calls (a loop in C++ where the shapes differ);
+    the rows are split per parameter in one call each."""
     if not held:
         return
-    cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+    bounds = [*plan.offsets, len(plan.row_group)]
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    cast: dict[torch.dtype, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
     ps, scales, terms = [], [], []
     for p, d in held:
         if p.dtype not in cast:
-            cast[p.dtype] = (a.to(p.dtype), b.to(p.dtype))
-        ai, bi = cast[p.dtype]
+            cast[p.dtype] = (a.to(p.dtype).split(sizes), b.to(p.dtype).split(sizes))
         i = plan.position[id(p)]
-        dim, start = plan.dims[i], plan.offsets[i]
-        if dim is None:
-            ai, bi = ai[start], bi[start]
-        else:
+        ai, bi = cast[p.dtype][0][i], cast[p.dtype][1][i]
+        dim = plan.dims[i]
+        if dim is not None and p.dim() > 1:  # a whole member's [1] and 1-D rows broadcast as they are
             shape = [1] * p.dim()
             shape[dim] = p.shape[dim]
-            ai, bi = ai[start:start + shape[dim]].view(shape), bi[start:start + shape[dim]].view(shape)
+            ai, bi = ai.view(shape), bi.view(shape)
         ps.append(p)
         scales.append(ai)
         if d is not None:
