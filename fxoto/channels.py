@@ -78,6 +78,9 @@ class ChannelLayer:
     """A stem whose output channels lie in channel groups: ``channels`` of them in the super-network.
 
     ``segment``: the segment erased when every channel goes (None: such a removal is refused).
+    ``again``: the other nodes that call the same module (a shared stem, ``conv(conv(x))``): output
+    channel c of every call is one channel, so the module loses its rows once and every call site
+    loses them; such a stem's segment is None (no joint can drop every call).
     That is the stem's own segment when its channels are its alone (no ``add`` or grouped
     convolution ties them to another stem's), nothing after it in the segment carries other
     channels, and the segment ends only at concat joints: all channels zero, the segment's output
@@ -87,6 +90,8 @@ class ChannelLayer:
     stem: str
     channels: int
     segment: int | None = None
+    again: tuple[str, ...] = ()  # the nodes that call the stem's module again: its channels there are these
+
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ class _Walk:
         self.dim: dict[fx.Node, int] = {}  # the channel dim of each tensor
         self.block: dict[fx.Node, int] = {}  # positions per channel along it (H*W after a flatten)
         self.stems: list[fx.Node] = []  # their output channels are rows (grouped convs included)
+        self.again: dict[fx.Node, list[fx.Node]] = {}  # a shared stem's first call: its later calls (see stem())
+        self.calls: dict[str, list[fx.Node]] = defaultdict(list)  # module target: the nodes that call it
         self.holders: list[tuple[fx.Node, bool]] = []  # per-channel nodes; True: their entries are members
         self.readers: list[tuple[fx.Node, fx.Node]] = []  # (stem, the tensor whose channels it reads)
         self.cats: list[tuple[fx.Node, list[tuple[fx.Node, int]]]] = []
@@ -166,6 +173,8 @@ class _Walk:
         self.tied: list[tuple[fx.Node, int]] = []  # (group norm, channels per group)
         self.users_of_param: dict[int, set[str]] = {}
         for node in graph.nodes:
+            if node.op == "call_module" and node.meta.get(LIVE):
+                self.calls[node.target].append(node)
             if node.op in ("call_module", "call_function", "call_method"):
                 for _, p in own_parameters(node, root):
                     self.users_of_param.setdefault(id(p), set()).add(node.name)
@@ -177,7 +186,8 @@ class _Walk:
             elif is_data(node) and node.meta.get(LIVE):
                 self.visit(node)
                 self.check_size_reads(node)
-        for node, _ in [*((s, True) for s in self.stems), *self.holders]:
+        calls = [call for s in self.stems for call in (s, *self.again.get(s, ()))]
+        for node in [*calls, *(h for h, _ in self.holders)]:
             if node.name in taken:
                 self.taint(node, f"node '{node.name}' lies in an operation group: kept whole so that the groups "
                                  f"of both kinds stay disjoint")
@@ -242,12 +252,26 @@ class _Walk:
                 self.taint(x, f"its channels reach {_what(node, self.root)}, {why}")
         self.new(node, why=f"its channels meet the output of {_what(node, self.root)}, {why}")
 
-    def shared(self, node: fx.Node) -> str | None:
+    def shared(self, node: fx.Node, calls: Sequence[fx.Node] = ()) -> str | None:
+        """Why the node's variables are not its own alone: another node uses them (not ``calls``,
+        the calls of a shared stem's module, whose channels are coupled instead; see ``stem``)."""
+        mine = {node.name, *(call.name for call in calls)}
         for name, p in own_parameters(node, self.root):
-            others = self.users_of_param[id(p)] - {node.name}
+            others = self.users_of_param[id(p)] - mine
             if others:
-                return f"shared variables: parameter '{name}' is also used by node '{sorted(others)[0]}'"
+                other = sorted(others)[0]
+                again = node.op == "call_module" and other in {call.name for call in self.calls[node.target]}
+                why = (": fxoto couples the channels of a module's several calls for Conv and Linear stems only, "
+                       "not for per-channel modules") if again else ""
+                return f"shared variables: parameter '{name}' is also used by node '{other}'{why}"
         return None
+
+    def first_call(self, node: fx.Node) -> fx.Node | None:
+        """The earlier node that calls the same Conv / Linear module (a shared stem), or None."""
+        if node.op != "call_module" or not isinstance(submodule(self.root, node.target), (nn.Linear, nn.modules.conv._ConvNd)):
+            return None
+        first = self.calls[node.target][0]
+        return first if first is not node and first in self.space else None
 
     # -- one node --------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
@@ -353,9 +377,22 @@ class _Walk:
                 self.taint(x, f"its channels reach the grouped convolution {what} after a flatten")
         else:
             self.readers.append((node, x))
-        problem = _stem_problem(node, self.root) or self.shared(node)
+        calls = self.calls[node.target] if node.op == "call_module" else []
+        problem = _stem_problem(node, self.root) or self.shared(node, calls)
         self.new(node, reads % len(node.meta[SHAPE]), problem)
-        self.stems.append(node)
+        first = self.first_call(node)
+        if first is None:
+            self.stems.append(node)
+        else:
+            # Output channel c of every call of one module is one channel: its weight row c and
+            # bias entry c make it at each call.  The rows are the first call's (held once); each
+            # call reads its own input's channels (``readers``), sliced per call site.
+            self.union(first, node)
+            self.again.setdefault(first, []).append(node)
+            if grouped or node.kwargs or len(node.args) != 1:
+                self.taint(node, f"{what} calls the module of '{first.name}' again and is a grouped convolution or "
+                                 f"takes more than its input: fxoto slices a shared stem per call only for plain "
+                                 f"Conv and Linear calls")
         if grouped and self.dim[x] == 1 and self.block[x] == 1:
             self.grouped.append((node, x, module.groups))
         elif grouped:
@@ -591,7 +628,9 @@ def find_channel_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: 
             share = f"{lost} of its {width} output channels: " if lost < width else ""
             excluded.append(Exclusion((stem.name,), f"channels: {share}{reason}"))
         if lost < width:
-            layers[stem.name] = ChannelLayer(stem.name, width, None if shared else _erased_with(stem, walk, chains))
+            again = tuple(call.name for call in walk.again.get(stem, ()))
+            segment = None if shared or again else _erased_with(stem, walk, chains)
+            layers[stem.name] = ChannelLayer(stem.name, width, segment, again)
             params.update(p for p, _, _ in per_row[stem.name])
     for holder, member in walk.holders:
         first, width = at(holder)

@@ -327,11 +327,22 @@ class SearchSpace:
         complete = [stem for stem, n in gone.items() if n >= self.layers[stem].channels]
         erased = {self.layers[s].segment for s in complete} - {None} - operations
         for stem in complete:
-            if self.layers[stem].segment is None and self._segment_of_node.get(stem) not in operations | erased:
+            layer = self.layers[stem]
+            if layer.segment is None and self._called_outside(stem, operations | erased):
+                if layer.again:
+                    calls = ", ".join(f"'{name}'" for name in (stem, *layer.again))
+                    return erased, (f"removing all {gone[stem]} output channels of node '{stem}' would erase a "
+                                    f"layer called at {len(layer.again) + 1} places (nodes {calls}): no joint can "
+                                    f"drop the output of every call; fxoto keeps at least one channel of a shared "
+                                    f"layer")
                 return erased, (f"removing all {gone[stem]} output channels of node '{stem}' would erase it, and its "
                                 f"channels do not end at concat joints that could drop it (or are tied to another "
                                 f"stem's); fxoto keeps at least one channel of such a layer")
         return erased, None
+
+    def _called_outside(self, stem: str, erased: set[int]) -> bool:
+        """Some call of the stem's module (``ChannelLayer.again``) lies outside the ``erased`` segments."""
+        return any(self._segment_of_node.get(name) not in erased for name in (stem, *self.layers[stem].again))
 
     def _graph_problem(self, erased: set[int]) -> str | None:
         """DESIGN 4 on the dependency graph of segments, ``erased`` gone."""
@@ -470,7 +481,7 @@ class SearchSpace:
                 chosen.append(i)
                 continue
             last = {self.layers[s].segment for s, n in rows.items()
-                    if per_stem.get(s, 0) + n >= self.layers[s].channels and self._segment_of_node.get(s) not in erased}
+                    if per_stem.get(s, 0) + n >= self.layers[s].channels and self._called_outside(s, erased)}
             if None in last or (last and self._graph_problem(erased | last) is not None):
                 continue
             erased |= last

@@ -3,8 +3,9 @@
 ``construct_subnet(space)`` erases every GeZIG that is exactly zero:
 
 0. channel groups (``kind="channel"``, ``fxoto.channels``) slim their layer:
-   the stem's weight rows and bias entries, the per-channel modules after it
-   and the consumers' input columns go (with the operations' drops below);
+   the stem's weight rows and bias entries (once for a module called at several
+   places), the per-channel modules after it and the consumers' input columns
+   go, per call site (with the operations' drops below);
 1. the joints lose the erased operands: an ``add`` sums the others, a ``cat``
    concatenates the others;
 2. what read the erased channels is sliced: after a ``cat``, the stems'
@@ -451,8 +452,8 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
 
     sub = _copy_sharing_tensors(space.gm)
     nodes = {n.name: n for n in sub.graph.nodes}
-    for stem, drop in drops.items():
-        if stem not in erased:
+    for stem, drop in drops.items():  # once per module: a shared stem's calls all read its rows
+        if any(name not in erased for name in (stem, *space.layers[stem].again)):
             _slice_stem(sub, nodes[stem], drop)
     _slice_consumers(sub, consume, erased)
     _slice_factors(sub, factors, erased)

@@ -634,3 +634,107 @@ def test_zero_groups_finds_exactly_the_zeroed_groups(structures):
         i = next(i for i in ids if space.groups[i].kind == "channel")
         space.tensors(i)[0].fill_(0.5)
     assert space.zero_groups() == sorted(set(ids) - {i})
+
+
+class ConvInARow(nn.Module):
+    """One convolution called twice in a row, ``conv(relu(conv(x)))``: a shared stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 5, 3, padding=1)
+        self.conv = nn.Conv2d(5, 5, 3, padding=1)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = self.conv(torch.relu(self.conv(torch.relu(self.stem(x)))))
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+class CalledAgainLater(nn.Module):
+    """A convolution called once more later in the chain, on another layer's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 4, 4)
+
+    def forward(self, x):
+        x = F.relu(self.a(F.relu(self.stem(x))))
+        x = F.relu(self.a(F.relu(self.bn(self.b(x)))))
+        return self.head(F.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+@pytest.mark.parametrize("make, shared", [(ConvInARow, "conv"), (CalledAgainLater, "a")])
+def test_a_stem_called_at_several_places_has_one_group_per_channel(make, shared):
+    """Channel c of every call of the module is one channel: its weight row and bias entry, held once."""
+    space = fxoto.build_space(randomize_(make()).eval(), X, structures="channels")
+    assert not [e for e in space.excluded if shared in e.nodes], space.excluded
+    mine = [g for g in space.groups if g.nodes[0] == shared]
+    assert len(mine) == space.layers[shared].channels == make().get_submodule(shared).out_channels
+    assert space.layers[shared].again == (f"{shared}_1",) and space.layers[shared].segment is None
+    for c, g in enumerate(mine):
+        assert [str(m) for m in g.members] == [f"{shared}.weight[{c}:{c + 1}]", f"{shared}.bias[{c}:{c + 1}]"]
+    for g in space.groups:
+        assert len(set(g.members)) == len(g.members)
+    assert not [n for n in space.layers if n.startswith(f"{shared}_")]  # one layer, at its first call
+
+
+@pytest.mark.parametrize("make", [ConvInARow, CalledAgainLater])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_removals_around_a_shared_stem_are_exact(make, seed):
+    space = fxoto.build_space(randomize_(make(), seed).eval(), X, structures="channels")
+    ids = space.sample_removal(0.5, seed=seed)
+    assert_exact(space, ids, X)
+
+
+@pytest.mark.parametrize("make, shared", [(ConvInARow, "conv"), (CalledAgainLater, "a")])
+def test_the_largest_removal_around_a_shared_stem_is_exact(make, shared):
+    space = fxoto.build_space(randomize_(make()).eval(), X, structures="channels")
+    ids = space.greedy_max_removal()
+    assert sum(space.groups[i].nodes[0] == shared for i in ids) == space.layers[shared].channels - 1
+    sub = assert_exact(space, ids, X)
+    assert sub.get_submodule(shared).out_channels == 1
+    # The module stays one module with one weight: the calls that read other channels read slices of it.
+    assert sum(1 for p in sub.parameters() if p is sub.get_submodule(shared).weight) == 1
+
+
+def test_a_shared_stem_reads_its_own_channels_at_its_second_call():
+    space = fxoto.build_space(randomize_(ConvInARow()).eval(), X, structures="channels")
+    second = [i for i in range(len(space.groups)) if space.groups[i].nodes[0] == "conv"][1:3]
+    assert space.slices[second[0]].columns == (("conv_1", 1, 1), ("head", 1, 1))  # both read its output
+    sub = assert_exact(space, second, X)
+    assert sub.conv.weight.shape == (3, 5, 3, 3)  # rows sliced once; the first call reads all 5 columns
+    assert len([n for n in sub.graph.nodes if n.target is torch.index_select]) == 1
+
+
+@pytest.mark.parametrize("make, shared", [(ConvInARow, "conv"), (CalledAgainLater, "a")])
+def test_every_channel_of_a_shared_stem_cannot_go(make, shared):
+    space = fxoto.build_space(make(), X, structures="channels")
+    mine = [g.id for g in space.groups if g.nodes[0] == shared]
+    assert space.is_valid_removal(mine[:-1])
+    problem = space.removal_problem(mine)
+    assert f"all {len(mine)} output channels of node '{shared}'" in problem and f"'{shared}_1'" in problem
+    with pytest.raises(InvalidRemovalError, match=f"node '{shared}'"):
+        space.construct_subnet(mine)
+
+
+class SharedTwiceWithOtherUse(nn.Module):
+    """A convolution called twice whose weight is also read functionally: set aside, with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.head = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(self.conv(x)) + F.conv2d(x, self.conv.weight)
+        return self.head(y).mean((2, 3))
+
+
+def test_a_shared_stem_whose_weight_is_read_elsewhere_is_set_aside():
+    space = fxoto.build_space(SharedTwiceWithOtherUse(), X, structures="channels")
+    reasons = {e.nodes[0]: e.reason for e in space.excluded}
+    assert "shared variables: parameter 'conv.weight' is also used by node 'conv2d'" in reasons["conv"]
