@@ -164,7 +164,7 @@ class _Walk:
         self.dim: dict[fx.Node, int] = {}  # the channel dim of each tensor
         self.block: dict[fx.Node, int] = {}  # positions per channel along it (H*W after a flatten)
         self.stems: list[fx.Node] = []  # their output channels are rows (grouped convs included)
-        self.again: dict[fx.Node, list[fx.Node]] = {}  # a shared stem's first call: its later calls (see stem())
+        self.again: dict[fx.Node, list[fx.Node]] = {}  # a shared module's first call: its later calls (stem(), hold())
         self.calls: dict[str, list[fx.Node]] = defaultdict(list)  # module target: the nodes that call it
         self.holders: list[tuple[fx.Node, bool]] = []  # per-channel nodes; True: their entries are members
         self.readers: list[tuple[fx.Node, fx.Node]] = []  # (stem, the tensor whose channels it reads)
@@ -186,11 +186,11 @@ class _Walk:
             elif is_data(node) and node.meta.get(LIVE):
                 self.visit(node)
                 self.check_size_reads(node)
-        calls = [call for s in self.stems for call in (s, *self.again.get(s, ()))]
-        for node in [*calls, *(h for h, _ in self.holders)]:
-            if node.name in taken:
-                self.taint(node, f"node '{node.name}' lies in an operation group: kept whole so that the groups "
-                                 f"of both kinds stay disjoint")
+        for first in [*self.stems, *(h for h, _ in self.holders)]:
+            for node in (first, *self.again.get(first, ())):
+                if node.name in taken:
+                    self.taint(node, f"node '{node.name}' lies in an operation group: kept whole so that the "
+                                     f"groups of both kinds stay disjoint")
         self.settle_zero_taints()
 
     # -- spaces ----------------------------------------------------------------------------
@@ -259,19 +259,31 @@ class _Walk:
         for name, p in own_parameters(node, self.root):
             others = self.users_of_param[id(p)] - mine
             if others:
-                other = sorted(others)[0]
-                again = node.op == "call_module" and other in {call.name for call in self.calls[node.target]}
-                why = (": fxoto couples the channels of a module's several calls for Conv and Linear stems only, "
-                       "not for per-channel modules") if again else ""
-                return f"shared variables: parameter '{name}' is also used by node '{other}'{why}"
+                return f"shared variables: parameter '{name}' is also used by node '{sorted(others)[0]}'"
         return None
 
     def first_call(self, node: fx.Node) -> fx.Node | None:
-        """The earlier node that calls the same Conv / Linear module (a shared stem), or None."""
-        if node.op != "call_module" or not isinstance(submodule(self.root, node.target), (nn.Linear, nn.modules.conv._ConvNd)):
+        """The earlier node that calls the same module (a shared stem or per-channel module), or None."""
+        if node.op != "call_module":
             return None
         first = self.calls[node.target][0]
         return first if first is not node and first in self.space else None
+
+    def hold(self, node: fx.Node, member: bool) -> None:
+        """A per-channel module on the node's channels (``member``: its entries are members).
+
+        Called again (``bn(a(x))``, then ``bn(b(y))``), its entry c is channel c at every call:
+        the calls' spaces are one, as an ``add``'s inputs are (``a``'s and ``b``'s channel c go
+        together), and the entries are the first call's, sliced once.
+        """
+        first = self.first_call(node)
+        if first is None:
+            self.holders.append((node, member))
+        else:
+            self.union(first, node)
+            self.again.setdefault(first, []).append(node)
+        if (why := self.shared(node, self.calls[node.target] if node.op == "call_module" else ())) is not None:
+            self.taint(node, why)
 
     # -- one node --------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> None:
@@ -358,9 +370,7 @@ class _Walk:
                 self.opaque(node, "a depthwise convolution reading them after a flatten")
                 return
             self.join(node, x)
-            self.holders.append((node, True))
-            if (why := self.shared(node)) is not None:
-                self.taint(node, why)
+            self.hold(node, True)
             return
         grouped = conv and module.groups > 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
         reads = (1 if conv else -1) if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) else None
@@ -426,9 +436,7 @@ class _Walk:
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and stats and not affine:
             self.not_zero_invariant(node, f"{what} uses running statistics and has no affine variables")
             return
-        self.holders.append((node, affine))
-        if (why := self.shared(node)) is not None:
-            self.taint(node, why)
+        self.hold(node, affine)
 
     def accessory(self, node: fx.Node, x: fx.Node, rule, module: nn.Module | None) -> None:
         what = _what(node, self.root)
@@ -443,9 +451,7 @@ class _Walk:
         kind = rule.channel
         if kind is Channel.PER_CHANNEL and isinstance(module, nn.PReLU) and dim == 1 and block == 1:
             self.join(node, x)
-            self.holders.append((node, False))  # zero-preserving: its entries are sliced, not zeroed
-            if (why := self.shared(node)) is not None:
-                self.taint(node, why)
+            self.hold(node, False)  # zero-preserving: its entries are sliced, not zeroed
             return
         if kind is Channel.ELEMENTWISE and shape == in_shape:
             self.join(node, x)

@@ -12,7 +12,7 @@ from torch import nn
 from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
 from fxoto.roles import DEFAULT_TABLE, OpTable
-from fxoto.segments import LIVE, Segment, annotate_rules, cut_segments
+from fxoto.segments import LIVE, Segment, annotate_rules, cut_segments, own_parameters
 from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
     GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k, zeroed_by_own_variables,
 )
@@ -62,16 +62,24 @@ def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Grap
     still zeroes the segment's output.  The layers before them (a bottleneck's first two
     convolutions) may be slimmed by channel groups, which then hold their variables: the
     two kinds nest, disjoint, and a block can be made thinner or erased.  A group whose
-    members are slices after a concat stays whole.
+    members are slices after a concat stays whole, and so do the per-channel nodes after the
+    concat that hold those slices (their other channels may come from a layer that channel
+    groups slim, a shared stem say: a channel group must not take the whole variable).
     """
     nodes = {n.name: n for n in graph.nodes}
     by_id = {seg.id: seg for seg in segments}
+    holding: dict[str, set[str]] = {}  # parameter name: the nodes that use it
+    for node in graph.nodes:
+        if node.op in ("call_module", "call_function", "call_method"):
+            for name, _ in own_parameters(node, root):
+                holding.setdefault(name, set()).add(node.name)
     decisive: set[str] = set()
     for g in groups:
         chain = [nodes[n] for n in by_id[g.segment].nodes if nodes[n].meta.get(LIVE)]
         last = next((i for i in reversed(range(len(chain))) if zeroed_by_own_variables(chain[i], root)), None)
         if last is None or any(m.dim is not None for m in g.members):
             decisive.update(g.nodes)
+            decisive.update(name for m in g.members if m.dim is not None for name in holding.get(m.param, ()))
         else:
             decisive.update(n.name for n in chain[last:])
     return decisive

@@ -328,6 +328,23 @@ def _slice_factors(gm: fx.GraphModule, factors: dict[tuple[str, str, int], set[i
             node.replace_input_with(old, sliced)
 
 
+def _per_module(gm: fx.GraphModule, per_channel: dict[str, set[int]], erased: set[str]) -> dict[str, set[int]]:
+    """The per-channel drops by module, at one of its calls: a module called at several places
+    (its calls' channels coupled by ``fxoto.channels``) is sliced once, when any call of it lives."""
+    calls: dict[str, list[str]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target].append(node.name)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    at: dict[str, str] = {}
+    drops: dict[str, set[int]] = defaultdict(set)
+    for name, drop in per_channel.items():
+        target = nodes[name].target
+        if any(call not in erased for call in calls[target]):
+            drops[at.setdefault(target, name)] |= drop
+    return drops
+
+
 def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     module = gm.get_submodule(node.target)
     if isinstance(module, nn.modules.conv._ConvNd):  # depthwise: one filter per channel
@@ -458,9 +475,8 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _slice_consumers(sub, consume, erased)
     _slice_factors(sub, factors, erased)
     nodes = {n.name: n for n in sub.graph.nodes}
-    for name, drop in per_channel.items():
-        if name not in erased:
-            _slice_per_channel(sub, nodes[name], drop)
+    for name, drop in _per_module(sub, per_channel, erased).items():
+        _slice_per_channel(sub, nodes[name], drop)
     _rewrite_moves(sub, space.gm, moves, erased)
     readers: list[fx.Node] = []
     for node in list(sub.graph.nodes):

@@ -10,7 +10,7 @@ from torch import nn
 import fxoto
 from fxoto.errors import InvalidRemovalError, KTooLargeError, NoSearchSpaceError
 from fxoto.optimizer import H2SPG
-from strategies import supernets, valid_removals
+from strategies import Branch, NetSpec, RandomSupNet, Step, randomize, supernets, valid_removals
 from util import randomize_
 
 
@@ -442,10 +442,42 @@ class SharedPReLU(nn.Module):
         return self.c(self.act(self.b(self.act(self.a(x))))).mean((2, 3))
 
 
-def test_a_per_channel_module_used_twice_is_set_aside():
-    space = fxoto.build_space(SharedPReLU(), X, structures="channels")
-    reasons = {e.nodes[0]: e.reason for e in space.excluded}
-    assert space.groups == [] and "shared variables: parameter 'act.weight'" in reasons["a"]
+def test_a_per_channel_module_used_twice_couples_the_channels_it_sees():
+    """``act`` reads ``a``'s channels and ``b``'s: its weight entry c is channel c at both calls, so
+    ``a``'s channel c and ``b``'s go together, and the entry is sliced once."""
+    space = fxoto.build_space(randomize_(SharedPReLU()).eval(), X, structures="channels")
+    assert [(s.rows, s.entries) for s in space.slices.values()] == [((("a", c), ("b", c)), (("act", c),))
+                                                                     for c in range(4)]
+    assert [(e.nodes, e.reason) for e in space.excluded] == [(("c",), "channels: its channels reach the graph output")]
+    assert space.layers["a"].segment is None and space.layers["a"].again == ()
+    sub = assert_exact(space, [1, 2], X)
+    assert sub.act.num_parameters == 2 and sub.b.weight.shape == (2, 2, 1, 1)
+    assert "all 4 output channels of node 'a'" in space.removal_problem(range(4))
+
+
+class SharedNorm(nn.Module):
+    """One batch norm after two convolutions, and a depthwise convolution called twice in a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.b(F.relu(self.bn(self.a(x))))))
+        return self.head(self.dw(self.dw(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_norm_and_depthwise_convolution_called_twice_are_exact(seed):
+    space = fxoto.build_space(randomize_(SharedNorm(), seed).eval(), X, structures="channels")
+    assert [str(m) for m in space.groups[0].members] == [f"{p}[0:1]" for p in (
+        "a.weight", "a.bias", "b.weight", "b.bias", "bn.weight", "bn.bias", "dw.weight", "dw.bias")]
+    assert space.slices[0].entries == (("bn", 0), ("dw", 0))
+    sub = assert_exact(space, space.sample_removal(0.5, seed=seed), X)
+    assert sub.bn.num_features == sub.dw.groups == sub.a.out_channels == sub.b.out_channels
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -738,3 +770,19 @@ def test_a_shared_stem_whose_weight_is_read_elsewhere_is_set_aside():
     space = fxoto.build_space(SharedTwiceWithOtherUse(), X, structures="channels")
     reasons = {e.nodes[0]: e.reason for e in space.excluded}
     assert "shared variables: parameter 'conv.weight' is also used by node 'conv2d'" in reasons["conv"]
+
+
+def test_a_shared_stem_before_a_concat_whose_norm_an_operation_group_slices_is_set_aside():
+    """Found by hypothesis: one branch of a concat calls its module twice, the other branches are
+    operation groups holding slices of the batch norm after the concat.  The batch norm stays with
+    them (a channel group must not take the whole variable), so the shared stem is set aside."""
+    b = lambda out, reuse=None: Branch(0, out, 1, False, "gelu", False, reuse=reuse)  # noqa: E731
+    spec = NetSpec(in_channels=2, size=2, head_flatten=False, classes=1,
+                   steps=(Step("cat", (b(1), b(2), b(1), b(1, (0, 2))), post_norm=True),))
+    x = torch.randn(2, 2, 2, 2)
+    space = fxoto.build_space(randomize(RandomSupNet(spec), 0), (x,), structures="both")
+    assert [g.kind for g in space.groups] == ["operation"] * 2
+    assert [str(m) for m in space.groups[0].members][2:] == ["post.0.0.weight[0:1]", "post.0.0.bias[0:1]"]
+    reasons = {e.nodes[0]: e.reason for e in space.excluded if e.reason.startswith("channels: ")}
+    assert "node 'post_0_0' lies in an operation group" in reasons["branches_0_2_0"]
+    assert_exact(space, [0], x)
