@@ -6,14 +6,19 @@ wherever they go, found in two passes.
 
 1. Channel spaces (``_Walk``).  Tensors whose channel ``c`` is the same
    channel share a space: the output of a stem (a ``Conv1d/2d/3d``, transposed
-   or not, or a ``Linear``, called once) and everything that keeps its channels
+   or not, or a ``Linear``) and everything that keeps its channels
    in place: zero-preserving elementwise ops, pooling, a flatten into a linear
    layer (one channel is then a block of columns), per-channel modules (batch,
    instance and group norms, per-channel PReLU, depthwise convolutions), ``add``
    joints, whose inputs and output all share one space (channel ``c`` of every
    input of an ``add`` is one channel), and products ``x * s`` by a per-channel
    gate ``s`` (squeeze-and-excitation), which carry ``x``'s channels.  A
-   ``Linear`` over more than two dims has its features on the last dim.
+   ``Linear`` over more than two dims has its features on the last dim.  A
+   module called at several places (``conv(conv(x))``, a batch norm after two
+   layers) is one module: channel ``c`` of every call is one channel, so the
+   calls' spaces are one, as an ``add``'s inputs are; its rows or entries are
+   those of its first call (``ChannelLayer.again``), and each call reads its own
+   input's channels, sliced per call site by the rewrite.
 2. Channels (``_channels``).  A union-find over the spaces' channels joins
    what the spaces alone cannot: channel ``c`` of an input entering a ``cat``
    along the channels at offset ``o`` is channel ``o + c`` of the ``cat``; the
@@ -34,7 +39,8 @@ weight and bias): zero together, the channels are exactly zero wherever they go,
 so the readers' input columns can go too.  Zero-invariance is checked on the
 walk with the op table, as for GeZIGs.  A space whose channels go anywhere else
 (the graph output, an unknown op, a reshape, a sigmoid, a layer norm over the
-channels, a product of two activations, a functional or shared stem) is
+channels, a product of two activations, a functional stem, variables that
+another module or a functional call reads too) is
 *tainted*: its channels form no group, and each stem that loses channels to a
 taint is set aside in ``SearchSpace.excluded`` with the reason, one entry per
 stem.  A taint of zero-invariance (a sigmoid) counts only where the space's zero
@@ -78,20 +84,20 @@ class ChannelLayer:
     """A stem whose output channels lie in channel groups: ``channels`` of them in the super-network.
 
     ``segment``: the segment erased when every channel goes (None: such a removal is refused).
-    ``again``: the other nodes that call the same module (a shared stem, ``conv(conv(x))``): output
-    channel c of every call is one channel, so the module loses its rows once and every call site
-    loses them; such a stem's segment is None (no joint can drop every call).
     That is the stem's own segment when its channels are its alone (no ``add`` or grouped
     convolution ties them to another stem's), nothing after it in the segment carries other
     channels, and the segment ends only at concat joints: all channels zero, the segment's output
     is zero and the concat can drop it, as for a GeZIG (DESIGN 4).
+
+    ``again``: the other nodes that call the same module (a shared stem, ``conv(conv(x))``): output
+    channel c of every call is one channel, so the module loses its rows once and every call
+    loses them; such a stem's segment is None (no joint can drop every call).
     """
 
     stem: str
     channels: int
     segment: int | None = None
-    again: tuple[str, ...] = ()  # the nodes that call the stem's module again: its channels there are these
-
+    again: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,7 @@ class _Walk:
 
     def shared(self, node: fx.Node, calls: Sequence[fx.Node] = ()) -> str | None:
         """Why the node's variables are not its own alone: another node uses them (not ``calls``,
-        the calls of a shared stem's module, whose channels are coupled instead; see ``stem``)."""
+        the calls of the same module, whose channels are coupled instead: ``stem``, ``hold``)."""
         mine = {node.name, *(call.name for call in calls)}
         for name, p in own_parameters(node, self.root):
             others = self.users_of_param[id(p)] - mine
@@ -399,10 +405,12 @@ class _Walk:
             # call reads its own input's channels (``readers``), sliced per call site.
             self.union(first, node)
             self.again.setdefault(first, []).append(node)
-            if grouped or node.kwargs or len(node.args) != 1:
-                self.taint(node, f"{what} calls the module of '{first.name}' again and is a grouped convolution or "
-                                 f"takes more than its input: fxoto slices a shared stem per call only for plain "
-                                 f"Conv and Linear calls")
+            if grouped:
+                self.taint(node, f"{what} is a grouped convolution called again (first at '{first.name}'): fxoto "
+                                 f"couples the calls of a shared stem only for ungrouped Conv and Linear modules")
+            elif any(call.kwargs or len(call.args) != 1 for call in (first, node)):
+                self.taint(node, f"{what} calls the module of '{first.name}' again, and a call passes more than "
+                                 f"its input: fxoto slices a shared stem per call site only for calls on one tensor")
         if grouped and self.dim[x] == 1 and self.block[x] == 1:
             self.grouped.append((node, x, module.groups))
         elif grouped:
