@@ -4,7 +4,7 @@ layers, flatten-linear and token heads.  The promise: a random valid removal giv
 super-network and strictly smaller; a stem whose channels form no group says why."""
 
 import torch
-from hypothesis import given, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 import fxoto
@@ -30,6 +30,7 @@ def test_random_chains_random_channel_removals_are_exact(net, data):
     model, x = net
     space = fxoto.build_space(model, (x,), structures="channels")
     note(f"set aside: {[(e.nodes[0], e.reason) for e in space.excluded]}")
+    event(f"layers called at several places: {sum(bool(layer.again) for layer in space.layers.values())}")
     assert all(g.kind == "channel" for g in space.groups)
     assert all(e.reason.startswith("channels: ") and len(e.reason) > 20 for e in space.excluded)
     ids = data.draw(valid_removals(space))
