@@ -786,3 +786,46 @@ def test_a_shared_stem_before_a_concat_whose_norm_an_operation_group_slices_is_s
     reasons = {e.nodes[0]: e.reason for e in space.excluded if e.reason.startswith("channels: ")}
     assert "node 'post_0_0' lies in an operation group" in reasons["branches_0_2_0"]
     assert_exact(space, [0], x)
+
+
+class GroupedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.g(torch.relu(self.g(self.a(x)))).mean((2, 3)))
+
+
+class TransposedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.t, self.head = nn.Conv2d(3, 4, 1), nn.ConvTranspose2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.t(torch.relu(self.t(torch.relu(self.a(x))))).mean((2, 3)))
+
+
+class LinearTwiceOverTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.relu(self.fc(torch.relu(self.a(x)))))))
+
+
+def test_a_grouped_convolution_called_twice_is_set_aside():
+    space = fxoto.build_space(GroupedTwice(), X, structures="channels")
+    reasons = {e.nodes[0]: e.reason for e in space.excluded}
+    assert "'g_1' (Conv2d) is a grouped convolution called again (first at 'g')" in reasons["g"]
+    assert space.groups == []  # its groups tie 'a''s channels to its own
+
+
+@pytest.mark.parametrize("make, x", [(TransposedTwice, X), (LinearTwiceOverTokens, torch.randn(3, 4, 5))])
+@pytest.mark.parametrize("seed", range(3))
+def test_transposed_and_token_linear_stems_called_twice_are_exact(make, x, seed):
+    space = fxoto.build_space(randomize_(make(), seed).eval(), (x,), structures="channels")
+    shared = "t" if make is TransposedTwice else "fc"
+    assert space.layers[shared].again == (f"{shared}_1",)
+    assert_exact(space, space.sample_removal(0.5, seed=seed) if seed < 2 else space.greedy_max_removal(), x)
