@@ -29,6 +29,8 @@ def build_space(
     concrete_args: dict[str, Any] | None = None,
     op_table: OpTable = DEFAULT_TABLE,
     structures: str = "operations",
+    example_kwargs: dict[str, Any] | None = None,
+    tracer: str = "auto",
 ) -> SearchSpace:
     """Trace, annotate, cut segments and form the groups (Algorithm 2).
 
@@ -38,7 +40,8 @@ def build_space(
     """
     if structures not in STRUCTURES:
         raise ValueError(f"structures must be one of {', '.join(map(repr, STRUCTURES))}; got {structures!r}")
-    graph = trace(model, example_inputs, leaf_modules, concrete_args)
+    graph = trace(model, example_inputs, leaf_modules, concrete_args, example_kwargs=example_kwargs,
+                  tracer=tracer, op_table=op_table)
     annotate_rules(graph, model, op_table)
     segments = cut_segments(graph)
     groups, excluded, channels = [], [], None
@@ -173,8 +176,10 @@ class Search:
 def search(
     model: nn.Module,
     K: int | float | dict[str, int | float],
-    example_inputs: Sequence[Any],
+    example_inputs: Sequence[Any] = (),
     *,
+    example_kwargs: dict[str, Any] | None = None,
+    tracer: str = "auto",
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     op_table: OpTable = DEFAULT_TABLE,
@@ -186,9 +191,11 @@ def search(
     kind (``{"channels": 0.5}``, for a search space of that kind alone).
     ``example_inputs`` is a tensor or a tuple of the forward's arguments.
     ``structures``: ``"operations"`` (GeZIGs), ``"channels"`` or ``"both"`` (see ``build_space``).
+    ``example_kwargs``: keyword arguments of the forward (``attention_mask=...``).
+    ``tracer``: ``"auto"`` (torch.fx, else ``torch.export``), ``"fx"`` or ``"export"`` (``fxoto.trace.trace``).
     """
     space = build_space(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                        op_table=op_table, structures=structures)
+                        op_table=op_table, structures=structures, example_kwargs=example_kwargs, tracer=tracer)
     if not space.groups and structures != "operations":
         why = "".join(f"\n  - {' -> '.join(e.nodes)}: {e.reason}" for e in space.excluded)
         raise NoSearchSpaceError(

@@ -30,7 +30,7 @@ from torch import nn
 from torch.fx import _symbolic_trace as _fx
 from torch.fx import traceback as fx_traceback
 
-from fxoto.errors import DeviceError, UntraceableModelError
+from fxoto.errors import DeviceError, ExampleInputError, UntraceableModelError
 from fxoto.shapes import CONSTANT, SHAPE, propagate_shapes
 
 __all__ = ["SHAPE", "Tracer", "check_device", "graph_module", "propagate_shapes", "symbolic_trace", "trace"]
@@ -300,6 +300,9 @@ def graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         for name, value in constants.items():
             setattr(model, name, value)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        if isinstance(graph._codegen, fx.graph._PyTreeCodeGen):  # a torch.export capture: the model's own
+            gm._in_spec = graph._codegen.pytree_info.in_spec     # arguments in, its output structure out
+            gm._out_spec = graph._codegen.pytree_info.out_spec
     finally:
         for name in constants:
             delattr(model, name)
@@ -334,16 +337,76 @@ def check_device(model: nn.Module) -> torch.device | None:
     return next(iter(found), None)
 
 
+TRACERS = ("auto", "fx", "export")
+
+
 def trace(
     model: nn.Module,
     example_inputs: Sequence[Any],
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    tracer: str = "auto",
+    op_table=None,
 ) -> fx.Graph:
-    """Trace ``model`` and annotate each node with its output shape."""
+    """Capture ``model`` and annotate each node with its output shape.
+
+    ``tracer``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, non-strict:
+    ``fxoto.export``) or ``"auto"``: fx, and where fx cannot trace the model (or the
+    example needs keyword arguments), ``torch.export``.  When both fail, one
+    ``UntraceableModelError`` gives both reasons.
+    """
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {', '.join(map(repr, TRACERS))}; got {tracer!r}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     check_device(model)
-    graph = symbolic_trace(model, leaf_modules, concrete_args)
-    propagate_shapes(graph, model, example_inputs)
+    fx_error = None
+    if tracer == "fx" or (tracer == "auto" and not example_kwargs):
+        if tracer == "fx" and example_kwargs:
+            raise ValueError("tracer='fx' takes positional example inputs only; use tracer='export' for example_kwargs")
+        try:
+            graph = symbolic_trace(model, leaf_modules, concrete_args)
+        except UntraceableModelError as exc:
+            if tracer == "fx":
+                raise
+            fx_error = exc
+        else:
+            propagate_shapes(graph, model, example_inputs)
+            return graph
+    return _export(model, example_inputs, example_kwargs, op_table, fx_error)
+
+
+def _export(model, example_inputs, example_kwargs, op_table, fx_error) -> fx.Graph:
+    from fxoto.export import export_graph
+    from fxoto.roles import DEFAULT_TABLE
+
+    try:
+        with _eval_mode(model):
+            graph, _ = export_graph(model, example_inputs, example_kwargs, op_table or DEFAULT_TABLE)
+    except Exception as exc:  # torch.export raises many kinds (UserError, RuntimeError, ...)
+        if isinstance(exc, ExampleInputError):
+            raise
+        where = _export_failure_site(exc)
+        said = f"torch.export could not capture {type(model).__name__}{where} ({type(exc).__name__}: " \
+               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        if fx_error is None:
+            raise UntraceableModelError(said + ". Hint: check that the model runs on the example inputs, "
+                                        "or try tracer='fx'.") from exc
+        raise UntraceableModelError(
+            f"neither capture took {type(model).__name__}.\n  - {fx_error}\n  - {said}. Hint: keep the failing "
+            f"modules opaque with leaf_modules=... (fx), or make the forward exportable (torch.export)."
+        ) from exc
     return graph
+
+
+def _export_failure_site(exc: Exception) -> str:
+    """`` in module 'layers.0.attn'``: the deepest frame of the failure that lies in a module's forward."""
+    tb, site = exc.__traceback__, ""
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and tb.tb_frame.f_code.co_name == "forward":
+            site = f" in a {type(owner).__name__}.forward"
+        tb = tb.tb_next
+    return site
