@@ -309,7 +309,7 @@ class _Walk:
             self.add(node, ins)
         elif rule.role is Role.STEM:
             self.stem(node, ins, module, rule)
-        elif len(ins) == 2 and rule.channel is Channel.ELEMENTWISE and self.gate(node, ins):
+        elif len(ins) == 2 and rule.channel is Channel.ELEMENTWISE and (self.gate(node, ins) or self.product(node, ins)):
             pass
         elif len(ins) != 1:
             self.opaque(node, "which combines them with another tensor (only an add, a concat or a stem may)")
@@ -339,6 +339,23 @@ class _Walk:
                 self.gates.append((node, gate))
                 return True
         return False
+
+    def product(self, node: fx.Node, ins: list[fx.Node]) -> bool:
+        """``a * b`` of two tensors of its shape with their channels on the same dim: a gated MLP's
+        ``act(gate(x)) * up(x)`` (DESIGN 6b).
+
+        Channel c of the product is zero when channel c of either factor is: the two spaces are
+        one (their stems' rows go together, as an ``add``'s inputs do), and a group zeroes both.
+        True when the node is such a product.
+        """
+        a, b = ins
+        shape = node.meta[SHAPE]
+        if (getattr(node.target, "__name__", node.target) not in ("mul", "mul_") or a.meta[SHAPE] != shape
+                or b.meta[SHAPE] != shape or self.dim[a] != self.dim[b] or self.block[a] != self.block[b]):
+            return False
+        self.join(node, a)
+        self.union(a, b)
+        return True
 
     def cat(self, node: fx.Node) -> None:
         inputs = node.args[0] if node.args else None
