@@ -11,6 +11,7 @@ from torch import nn
 
 from fxoto.channels import find_channel_groups
 from fxoto.errors import NoSearchSpaceError
+from fxoto.heads import find_head_groups
 from fxoto.roles import DEFAULT_TABLE, OpTable
 from fxoto.segments import LIVE, Segment, annotate_rules, cut_segments, own_parameters
 from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
@@ -47,12 +48,15 @@ def build_space(
     groups, excluded, channels = [], [], None
     if structures != "channels":
         groups, excluded = find_gezigs(graph, model, segments)
+    heads = None
     if structures != "operations":
         taken = _decisive_nodes(groups, segments, graph, model)
         channels = find_channel_groups(graph, model, len(groups), taken)
-        groups = _without_channels(groups, channels.params, model)
-        excluded = excluded + channels.excluded
-    return SearchSpace(model, graph, segments, groups, excluded, channels)
+        heads = find_head_groups(graph, model, len(groups) + len(channels.groups), taken, channels.params)
+        groups = _without_channels(groups, channels.params | heads.params, model)
+        held = set(heads.layers)
+        excluded = excluded + [e for e in channels.excluded if not held.intersection(e.nodes)] + heads.excluded
+    return SearchSpace(model, graph, segments, groups, excluded, channels, heads)
 
 
 def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Graph, root: nn.Module) -> set[str]:

@@ -218,7 +218,7 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG],
-                 excluded: list[Exclusion], channels: ChannelGroups | None = None):
+                 excluded: list[Exclusion], channels: ChannelGroups | None = None, heads=None):
         self.model = model
         self.graph = graph
         self.segments = segments
@@ -229,6 +229,12 @@ class SearchSpace:
         self.layers = channels.layers if channels is not None else {}
         self._operations = groups
         self._channels = channels
+        # Head groups (fxoto.heads), after the channel groups: their projections' rows are
+        # ChannelLayer rows, so that removing every head of an attention is refused.
+        self._heads = heads
+        self.attentions = heads.attentions if heads is not None else []
+        if heads is not None:
+            self.layers = {**self.layers, **heads.layers}
         nodes = {n.name: n for n in graph.nodes}
         self._segment_of_node = {name: seg.id for seg in segments for name in seg.nodes}
         # Per segment: joint kind of its head and which inputs carry the output
@@ -255,12 +261,22 @@ class SearchSpace:
     @functools.cached_property
     def groups(self) -> list[GeZIG]:
         """Every group by id: the operation groups, then the channel groups (made on first use)."""
-        return self._operations + (self._channels.groups if self._channels is not None else [])
+        return (self._operations + (self._channels.groups if self._channels is not None else [])
+                + (self._heads.groups if self._heads is not None else []))
 
     @functools.cached_property
     def slices(self) -> dict[int, ChannelSlice]:
         """What each channel group slices (``fxoto.channels.ChannelSlice``), by group id."""
-        return self._channels.slices if self._channels is not None else {}
+        found = dict(self._channels.slices) if self._channels is not None else {}
+        if self._heads is not None:
+            found.update(self._heads.slices)
+        return found
+
+    def removed_heads(self, ids: Iterable[int]) -> set[tuple[str, int]]:
+        """(projection node, head) of every head the head groups among ``ids`` remove."""
+        if self._heads is None:
+            return set()
+        return {h for i in ids for h in self._heads.heads.get(i, ())}
 
     @functools.cached_property
     def _seg_of_group(self) -> list[int | None]:
@@ -562,7 +578,7 @@ class SearchSpace:
         return f"SearchSpace({type(self.model).__name__}: {len(self.groups)} GeZIGs, {len(self.segments)} segments)"
 
 
-KINDS = {"operations": "operation", "channels": "channel"}  # K's dict keys: the kinds of groups
+KINDS = {"operations": "operation", "channels": "channel", "heads": "head"}  # K's dict keys: the kinds of groups
 
 
 def kind_counts(K: int | float | dict[str, int | float], space: SearchSpace) -> dict[str, int] | None:

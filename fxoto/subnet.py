@@ -165,6 +165,22 @@ def _rewrite_moves(gm: fx.GraphModule, space_gm: fx.GraphModule, moves: dict[str
             graph.erase_node(node)
 
 
+def _rewrite_head_sizes(gm: fx.GraphModule, space, ids, erased: set[str]) -> None:
+    """The head counts written in views, expands and reshapes (``fxoto.heads.HeadSize``), for the heads kept."""
+    removed = space.removed_heads(ids)
+    if not removed:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for attention in space.attentions:
+        for size in attention.sizes:
+            if size.node in erased or size.node not in nodes or not removed.intersection(size.heads):
+                continue
+            node = nodes[size.node]
+            args = list(node.args)
+            args[size.position] = size.block * sum(h not in removed for h in size.heads)
+            node.args = tuple(args)
+
+
 def _keep(n: int, drop: set[int], device: torch.device) -> torch.Tensor:
     """Indices ``0..n-1`` without ``drop``, on ``device`` (that of the tensor they index)."""
     mask = torch.ones(n, dtype=torch.bool, device=device)
@@ -478,6 +494,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     for name, drop in _per_module(sub, per_channel, erased).items():
         _slice_per_channel(sub, nodes[name], drop)
     _rewrite_moves(sub, space.gm, moves, erased)
+    _rewrite_head_sizes(sub, space, ids, erased)
     readers: list[fx.Node] = []
     for node in list(sub.graph.nodes):
         rule = node.meta.get(RULE)

@@ -1,0 +1,373 @@
+"""Attention heads as groups (DESIGN 6b): one group per key/value head.
+
+``find_head_groups`` follows the heads of every ``scaled_dot_product_attention``
+from the projections that make them to the projection that reads them:
+
+* a projection (an ``nn.Linear`` call) whose output is only viewed as [..., H, d]
+  (``view``/``reshape``) makes H heads of d features;
+* the heads are followed, head axis and all, through transposes, unsqueezes,
+  the ``expand``/``reshape`` of grouped-query attention (a key/value head read by
+  ``n_rep`` query heads), slices, concats and products that keep each head apart
+  (rotary embeddings: ``q * cos + rotate_half(q) * sin`` with ``cos`` broadcast over
+  the heads), into the attention's q, k and v;
+* the attention's output heads, merged back into features ([..., H * d]), are read by
+  one ``nn.Linear``, the output projection.
+
+Key/value head j's group holds the rows of k and v that make it, the q rows of the
+query heads that read it, and their columns of the output projection.  With v's rows
+zero, the head's output is zero whatever the softmax gives, so the output projection's
+columns read zeros and the rewrite can drop the head exactly: rows of q, k and v,
+columns of the output projection, and the head counts written in the views, expands
+and reshapes on the way (``HeadSize``).  An attention fxoto cannot follow this way
+(fused qkv projections, a head read elsewhere, per-head masks) is set aside with the
+node where following stopped.  Removing every head of an attention is refused
+(``SearchSpace.channel_erasures``: the projections would lose every row).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxoto.channels import ChannelLayer, ChannelSlice
+from fxoto.segments import LIVE, data_inputs, own_parameters
+from fxoto.shapes import SHAPE, submodule
+from fxoto.space import Exclusion, GeZIG, Member
+
+Head = tuple[str, int]  # (projection node, head index in its output)
+
+_UNARY = (F.dropout, torch.clone, torch.neg, F.silu, F.gelu, F.relu)
+
+
+@dataclass(frozen=True)
+class _Track:
+    """Where the heads lie in a tensor: along ``axis``, ``block`` positions each (1 on a head
+    axis, d once merged into features), in the order ``heads``; ``plain``: reached through
+    moves of values alone (zero stays zero); ``rep``: an axis of size 1 after the head axis
+    that an ``expand`` may repeat (grouped-query attention)."""
+
+    axis: int
+    heads: tuple[Head, ...]
+    block: int = 1
+    plain: bool = True
+    rep: int | None = None
+
+
+@dataclass(frozen=True)
+class HeadSize:
+    """A size argument that counts heads: ``node.args[position]`` becomes ``block`` times the
+    number of ``heads`` kept."""
+
+    node: str
+    position: int
+    heads: tuple[Head, ...]
+    block: int
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention whose heads form groups: its projections, head size and sizes to rewrite."""
+
+    node: str
+    q: str
+    k: str
+    v: str
+    out: str
+    head_dim: int
+    kv_of_query: tuple[int, ...]  # per query head: the key/value head it reads
+    sizes: tuple[HeadSize, ...]
+
+
+class _Unfollowed(Exception):
+    pass
+
+
+class HeadGroups:
+    """What ``find_head_groups`` finds: the groups, what each slices, the attentions and layers."""
+
+    def __init__(self, groups: list[GeZIG], slices: dict[int, ChannelSlice], heads: dict[int, frozenset[Head]],
+                 attentions: list[Attention], layers: dict[str, ChannelLayer], excluded: list[Exclusion],
+                 params: set[str]):
+        self.groups = groups
+        self.slices = slices
+        self.heads = heads
+        self.attentions = attentions
+        self.layers = layers
+        self.excluded = excluded
+        self.params = params
+
+
+def _normal(d: int, ndim: int) -> int:
+    return d % ndim
+
+
+class _Follow:
+    """Pass over the graph in order: the head tracks of every tensor that carries heads."""
+
+    def __init__(self, graph: fx.Graph, root: nn.Module):
+        self.root = root
+        self.track: dict[fx.Node, _Track] = {}
+        self.sizes: dict[fx.Node, list[HeadSize]] = defaultdict(list)  # by projection that made the heads
+        self.failed: dict[str, str] = {}  # projection: why its heads are not followed
+        self.attentions: list[tuple[fx.Node, _Track, _Track, _Track]] = []
+        self.readers: dict[fx.Node, tuple[fx.Node, _Track]] = {}  # output projection: (its input, track)
+        for node in graph.nodes:
+            if not node.meta.get(LIVE) or node.op in ("placeholder", "get_attr"):
+                continue
+            ins = [x for x in node.all_input_nodes if x in self.track]
+            if node.op == "output":
+                self.fail(ins, "its heads reach the graph output")
+                continue
+            if not ins:
+                self.seed(node)
+                continue
+            try:
+                self.visit(node, ins)
+            except _Unfollowed as why:
+                self.fail(ins, f"its heads are not followed at node '{node.name}': {why}")
+
+    def projections(self, x: fx.Node) -> set[str]:
+        return {p for p, _ in self.track[x].heads}
+
+    def fail(self, ins: list[fx.Node], why: str) -> None:
+        for x in ins:
+            for p in self.projections(x):
+                self.failed.setdefault(p, why)
+
+    def seed(self, node: fx.Node) -> None:
+        """A view of a linear layer's output as [..., H, d]: H heads of that layer."""
+        if node.op != "call_method" or node.target not in ("view", "reshape"):
+            return
+        x = node.args[0]
+        if not (isinstance(x, fx.Node) and x.op == "call_module"
+                and isinstance(submodule(self.root, x.target), nn.Linear)):
+            return
+        shape, before = node.meta.get(SHAPE), x.meta.get(SHAPE)
+        if not (isinstance(shape, torch.Size) and isinstance(before, torch.Size) and len(shape) == len(before) + 1
+                and shape[:-2] == before[:-1] and shape[-2] * shape[-1] == before[-1]):
+            return
+        if len([u for u in x.users if u.meta.get(LIVE)]) != 1:
+            self.failed.setdefault(x.name, "its output is read by more than its view into heads")
+        axis = len(shape) - 2
+        self.track[node] = _Track(axis, tuple((x.name, i) for i in range(shape[-2])))
+        self.size_at(node, axis, self.track[node])
+
+    def size_at(self, node: fx.Node, axis: int, track: _Track) -> None:
+        """Record the size argument at ``axis`` of a view/reshape/expand when it is a number (-1 adapts)."""
+        sizes = list(node.args[1:])
+        if axis < len(sizes) and isinstance(sizes[axis], int) and sizes[axis] != -1:
+            for p in {p for p, _ in track.heads}:
+                self.sizes[p].append(HeadSize(node.name, 1 + axis, track.heads, track.block))
+
+    def visit(self, node: fx.Node, ins: list[fx.Node]) -> None:
+        shape = node.meta.get(SHAPE)
+        if not isinstance(shape, torch.Size):
+            raise _Unfollowed("not a tensor")
+        x = ins[0]
+        t = self.track[x]
+        target = node.target
+        if node.op == "call_module":
+            module = submodule(self.root, node.target)
+            if isinstance(module, nn.Linear) and t.block > 1 and t.axis == len(x.meta[SHAPE]) - 1 and len(ins) == 1:
+                self.readers[node] = (x, t)
+                return
+            if isinstance(module, nn.Dropout):
+                self.track[node] = t
+                return
+            raise _Unfollowed(f"module '{node.target}' ({type(module).__name__}) reads them")
+        if node.op == "call_method" and target in ("view", "reshape"):
+            self.reshape(node, x, t, shape)
+        elif node.op == "call_method" and target == "expand":
+            before = x.meta[SHAPE]
+            if len(before) != len(shape) or before[t.axis] != shape[t.axis]:
+                raise _Unfollowed("an expand that changes the head axis")
+            rep = t.rep
+            if rep is not None and shape[rep] == before[rep]:
+                rep = rep if before[rep] == 1 else None
+            self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, rep)
+            self.size_at(node, t.axis, t)
+        elif node.op == "call_method" and target == "unsqueeze":
+            d = _normal(node.args[1], len(shape))
+            axis = t.axis + (d <= t.axis)
+            self.track[node] = _Track(axis, t.heads, t.block, t.plain, d if d == axis + 1 else None)
+        elif node.op == "call_method" and target == "contiguous" or target in _UNARY and len(ins) == 1:
+            self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, t.rep)  # each maps zero to zero
+        elif target in (torch.transpose,):
+            i, j = (_normal(d, len(shape)) for d in node.args[1:3])
+            axis = j if t.axis == i else i if t.axis == j else t.axis
+            self.track[node] = _Track(axis, t.heads, t.block, t.plain)
+        elif target is torch.permute:
+            dims = [_normal(d, len(shape)) for d in node.args[1]]
+            self.track[node] = _Track(dims.index(t.axis), t.heads, t.block, t.plain)
+        elif target is torch.ops.aten.slice.Tensor:
+            if _normal(node.args[1], len(shape)) == t.axis:
+                raise _Unfollowed("a slice along the heads")
+            rep = t.rep if _normal(node.args[1], len(shape)) != t.rep else None
+            self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, rep)
+        elif target is torch.cat:
+            dim = _normal(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
+            if dim == t.axis or any(self.track.get(y) != t for y in node.args[0]):
+                raise _Unfollowed("a concat along the heads, or of other tensors")
+            self.track[node] = _Track(t.axis, t.heads, t.block, all(self.track[y].plain for y in node.args[0]))
+        elif target in (operator.mul, operator.add, operator.truediv):
+            self.binary(node, t, shape)
+        elif target is F.scaled_dot_product_attention:
+            self.attention(node, shape)
+        else:
+            raise _Unfollowed(f"{getattr(target, '__name__', target)} is not known to keep heads apart")
+
+    def reshape(self, node: fx.Node, x: fx.Node, t: _Track, shape: torch.Size) -> None:
+        before = x.meta[SHAPE]
+        a = t.axis
+        if shape == before:
+            self.track[node] = t
+            self.size_at(node, a, t)
+        elif t.rep is not None and t.rep == a + 1 and len(shape) == len(before) - 1 \
+                and shape[:a] == before[:a] and shape[a] == before[a] * before[a + 1] and shape[a + 1:] == before[a + 2:]:
+            heads = tuple(h for h in t.heads for _ in range(before[a + 1]))  # grouped-query attention
+            self.track[node] = _Track(a, heads, t.block, t.plain)
+            self.size_at(node, a, self.track[node])
+        elif t.block == 1 and a == len(before) - 2 and shape == before[:-2] + (before[-2] * before[-1],):
+            self.track[node] = _Track(a, t.heads, before[-1], t.plain)  # merged into features
+            self.size_at(node, a, self.track[node])
+        elif t.block > 1 and a == len(before) - 1 and shape == before[:-1] + (before[-1] // t.block, t.block):
+            self.track[node] = _Track(a, t.heads, 1, t.plain)
+            self.size_at(node, a, self.track[node])
+        else:
+            raise _Unfollowed(f"a reshape from {list(before)} to {list(shape)}")
+
+    def binary(self, node: fx.Node, t: _Track, shape: torch.Size) -> None:
+        """A sum or product with a tensor of the same heads, or one that is the same for every head
+        (rotary ``cos``/``sin``, a scale).  Zero stays zero through a product with a tracked factor and
+        through a quotient of one, through a sum only of tracked terms (``plain``)."""
+        tracked = []
+        for y in node.all_input_nodes:
+            if y in self.track:
+                if (self.track[y].axis, self.track[y].heads, self.track[y].block) != (t.axis, t.heads, t.block):
+                    raise _Unfollowed("it combines heads laid out differently")
+                tracked.append(self.track[y])
+                continue
+            other = y.meta.get(SHAPE)
+            if not isinstance(other, torch.Size):
+                continue
+            at = t.axis - (len(shape) - len(other))
+            if at >= 0 and other[at] != 1:
+                raise _Unfollowed("it combines them with a tensor that differs along the heads")
+        operands = [a for a in node.args[:2]]
+        if node.target is operator.add:
+            plain = all(isinstance(a, fx.Node) and a in self.track and self.track[a].plain for a in operands)
+        elif node.target is operator.truediv:
+            plain = isinstance(operands[0], fx.Node) and operands[0] in self.track and self.track[operands[0]].plain
+        else:
+            plain = any(tr.plain for tr in tracked)
+        self.track[node] = _Track(t.axis, t.heads, t.block, plain, t.rep)
+
+    def attention(self, node: fx.Node, shape: torch.Size) -> None:
+        q, k, v = node.args[:3]
+        if any(x not in self.track for x in (q, k, v)):
+            raise _Unfollowed("its q, k and v are not all heads of linear layers")
+        if node.kwargs.get("enable_gqa"):
+            raise _Unfollowed("enable_gqa=True")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            m = mask.meta.get(SHAPE)
+            if mask in self.track or not isinstance(m, torch.Size) or (len(m) == len(shape) and m[1] != 1):
+                raise _Unfollowed("a mask that differs per head")
+        tq, tk, tv = (self.track[x] for x in (q, k, v))
+        if not all(t.axis == 1 and t.block == 1 for t in (tq, tk, tv)):
+            raise _Unfollowed("q, k or v with the heads off dim 1")
+        self.attentions.append((node, tq, tk, tv))
+        self.track[node] = _Track(1, tq.heads, 1, True)
+
+
+def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set[str],
+                     channel_params: set[str]) -> HeadGroups:
+    """One group per key/value head of every attention fxoto can follow (module docstring).
+
+    ``taken``: nodes that operation groups keep whole, ``channel_params``: parameters that
+    channel groups hold; an output projection among them keeps its columns out of the
+    head groups (they are still dropped with the head, which reads zero once v's rows are).
+    """
+    follow = _Follow(graph, root)
+    nodes = {n.name: n for n in graph.nodes}
+    groups: list[GeZIG] = []
+    slices: dict[int, ChannelSlice] = {}
+    heads_of: dict[int, frozenset[Head]] = {}
+    attentions: list[Attention] = []
+    layers: dict[str, ChannelLayer] = {}
+    excluded: list[Exclusion] = []
+    params: set[str] = set()
+    for node, tq, tk, tv in follow.attentions:
+        reader = next((r for r, (x, t) in follow.readers.items() if t.heads == tq.heads), None)
+        why = _problem(node, tq, tk, tv, reader, follow, nodes, taken, root)
+        if why is not None:
+            excluded.append(Exclusion((node.name,), f"heads: {why}"))
+            continue
+        q, k, v = tq.heads[0][0], tk.heads[0][0], tv.heads[0][0]
+        kv_of = tuple(j for _, j in tk.heads)
+        d = nodes[q].meta[SHAPE][-1] // len(tq.heads)
+        dkv = nodes[k].meta[SHAPE][-1] // (max(kv_of) + 1)
+        sizes = tuple(s for p in (q, k, v) for s in follow.sizes[p])
+        attentions.append(Attention(node.name, q, k, v, reader.name, d, kv_of, sizes))
+        out_members = reader.name not in taken and not any(
+            p in channel_params for p, _ in own_parameters(reader, root))
+        for j in range(max(kv_of) + 1):
+            queries = [i for i, jj in enumerate(kv_of) if jj == j]
+            members: list[Member] = []
+            rows: list[tuple[str, int]] = []
+            for stem, lo, n in [(k, j * dkv, dkv), (v, j * dkv, dkv), *((q, i * d, d) for i in queries)]:
+                rows += [(stem, r) for r in range(lo, lo + n)]
+                members += [Member(p, 0, lo, lo + n) for p, _ in own_parameters(nodes[stem], root)]
+            columns = tuple((reader.name, i * d, d) for i in queries)
+            if out_members:
+                members += [Member(p, 1, i * d, (i + 1) * d) for p, t in own_parameters(reader, root)
+                            if t.dim() == 2 for i in queries]
+            gid = first_id + len(groups)
+            numel = sum((m.stop - m.start) * _per_index(root, m) for m in members)
+            groups.append(GeZIG(gid, -1, (node.name, q, k, v, reader.name), tuple(members), numel, kind="head"))
+            slices[gid] = ChannelSlice(tuple(rows), (), columns)
+            heads_of[gid] = frozenset([(k, j), (v, j), *((q, i) for i in queries)])
+        for stem in (q, k, v):
+            layers[stem] = ChannelLayer(stem, nodes[stem].meta[SHAPE][-1])
+            params.update(p for p, _ in own_parameters(nodes[stem], root))
+        if out_members:
+            params.update(p for p, t in own_parameters(reader, root) if t.dim() == 2)
+    for p, why in follow.failed.items():
+        if not any(p in (a.q, a.k, a.v) for a in attentions):
+            excluded.append(Exclusion((p,), f"heads: {why}"))
+    return HeadGroups(groups, slices, heads_of, attentions, layers, excluded, params)
+
+
+def _per_index(root: nn.Module, m: Member) -> int:
+    t = root.get_parameter(m.param)
+    return t.numel() // t.shape[m.dim]
+
+
+def _problem(node, tq, tk, tv, reader, follow, nodes, taken, root) -> str | None:
+    """Why an attention's heads cannot form groups, or None."""
+    projections = [{p for p, _ in t.heads} for t in (tq, tk, tv)]
+    if any(len(p) != 1 for p in projections):
+        return "q, k or v mixes the heads of several layers"
+    q, k, v = (next(iter(p)) for p in projections)
+    if len({q, k, v}) != 3:
+        return "q, k and v come from one layer (a fused projection)"
+    for p in (q, k, v):
+        if p in follow.failed:
+            return f"'{p}': {follow.failed[p]}"
+        if p in taken:
+            return f"'{p}' lies in an operation group that keeps it whole"
+    if [i for _, i in tq.heads] != list(range(len(tq.heads))):
+        return "the query heads are reordered"
+    if [i for _, i in tk.heads] != [i for _, i in tv.heads]:
+        return "k and v heads are paired differently"
+    if not tv.plain:
+        return "v is changed on its way (its zero would not stay zero)"
+    if reader is None:
+        return f"no linear layer reads the heads of '{node.name}' whole"
+    return None
