@@ -159,6 +159,7 @@ def export_graph(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] |
     gm = ep.module()
     graph = gm.graph
     graph._owning_module = None  # from here on its targets are paths in the user's model
+    graph._tracer_cls, graph._tracer_extras = None, {}  # a saved sub-network reloads with fx's own tracer
     _drop_checks(graph)
     _hold_constants(graph, gm, model)
     _fold_modules(graph, model, op_table)

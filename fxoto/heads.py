@@ -68,6 +68,7 @@ class HeadSize:
     position: int
     heads: tuple[Head, ...]
     block: int
+    inner: int | None = None  # sizes given as one tuple (``x.view((b, s, h, d))``): the index in it
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,12 @@ class _Follow:
 
     def size_at(self, node: fx.Node, axis: int, track: _Track) -> None:
         """Record the size argument at ``axis`` of a view/reshape/expand when it is a number (-1 adapts)."""
-        sizes = list(node.args[1:])
+        sizes, position, inner = list(node.args[1:]), 1 + axis, None
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes, position, inner = list(sizes[0]), 1, axis
         if axis < len(sizes) and isinstance(sizes[axis], int) and sizes[axis] != -1:
             for p in {p for p, _ in track.heads}:
-                self.sizes[p].append(HeadSize(node.name, 1 + axis, track.heads, track.block))
+                self.sizes[p].append(HeadSize(node.name, position, track.heads, track.block, inner))
 
     def visit(self, node: fx.Node, ins: list[fx.Node]) -> None:
         shape = node.meta.get(SHAPE)
@@ -198,12 +201,13 @@ class _Follow:
             self.track[node] = _Track(axis, t.heads, t.block, t.plain, d if d == axis + 1 else None)
         elif node.op == "call_method" and target == "contiguous" or target in _UNARY and len(ins) == 1:
             self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, t.rep)  # each maps zero to zero
-        elif target in (torch.transpose,):
+        elif target is torch.transpose or node.op == "call_method" and target == "transpose":
             i, j = (_normal(d, len(shape)) for d in node.args[1:3])
             axis = j if t.axis == i else i if t.axis == j else t.axis
             self.track[node] = _Track(axis, t.heads, t.block, t.plain)
-        elif target is torch.permute:
-            dims = [_normal(d, len(shape)) for d in node.args[1]]
+        elif target is torch.permute or node.op == "call_method" and target == "permute":
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            dims = [_normal(d, len(shape)) for d in dims]
             self.track[node] = _Track(dims.index(t.axis), t.heads, t.block, t.plain)
         elif target is torch.ops.aten.slice.Tensor:
             if _normal(node.args[1], len(shape)) == t.axis:
@@ -215,7 +219,7 @@ class _Follow:
             if dim == t.axis or any(self.track.get(y) != t for y in node.args[0]):
                 raise _Unfollowed("a concat along the heads, or of other tensors")
             self.track[node] = _Track(t.axis, t.heads, t.block, all(self.track[y].plain for y in node.args[0]))
-        elif target in (operator.mul, operator.add, operator.truediv):
+        elif target in (operator.mul, operator.add, operator.truediv, torch.mul, torch.add) and not node.kwargs:
             self.binary(node, t, shape)
         elif target is F.scaled_dot_product_attention:
             self.attention(node, shape)

@@ -177,7 +177,12 @@ def _rewrite_head_sizes(gm: fx.GraphModule, space, ids, erased: set[str]) -> Non
                 continue
             node = nodes[size.node]
             args = list(node.args)
-            args[size.position] = size.block * sum(h not in removed for h in size.heads)
+            count = size.block * sum(h not in removed for h in size.heads)
+            if size.inner is None:
+                args[size.position] = count
+            else:
+                args[size.position] = type(args[size.position])(
+                    count if i == size.inner else n for i, n in enumerate(args[size.position]))
             node.args = tuple(args)
 
 

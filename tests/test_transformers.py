@@ -1,0 +1,236 @@
+"""Hugging Face transformers through the torch.export front end: tiny random configurations, no download.
+
+For each model: ``structures="both"`` finds groups of every kind that applies (operations,
+MLP neurons as channels, attention heads), three random valid removals with heads in them
+give a smaller sub-network equal to the zeroed super-network, on the example and on inputs
+of another batch size and sequence length, and the sub-network's head and neuron counts are
+the ones removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxoto
+from fxoto.errors import UntraceableModelError
+
+transformers = pytest.importorskip("transformers")  # in the test extra; no skip where it is installed
+
+from transformers import (  # noqa: E402
+    BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel, ViTConfig, ViTModel,
+)
+
+V = 64
+
+
+def _llama(cls=LlamaModel):
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return cls(cfg).eval()
+
+
+def _bert():
+    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def _vit():
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=48)
+    return ViTModel(cfg).eval()
+
+
+def _ids(b, s, seed=0):
+    return torch.randint(0, V, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _images(b, seed=0):
+    return torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    # name: (builder, example, other input (other batch size and sequence length), heads per layer, kv heads)
+    "llama-gqa": (_llama, _ids(2, 7), _ids(3, 5, 1), 4, 2),
+    "bert": (_bert, _ids(2, 7), _ids(3, 5, 1), 4, 4),
+    "vit": (_vit, _images(2), _images(3, 1), 4, 4),
+}
+
+
+def _hidden(out):
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def _kinds(space):
+    found = {}
+    for g in space.groups:
+        found[g.kind] = found.get(g.kind, 0) + 1
+    return found
+
+
+def _removal(space, seed):
+    """A random valid removal: some groups of every kind, at least one head."""
+    rng = random.Random(seed)
+    heads = [g.id for g in space.groups if g.kind == "head"]
+    for _ in range(50):
+        ids = sorted(set(space.sample_removal(0.3, seed=rng.randrange(1000)) + rng.sample(heads, 2)))
+        if space.is_valid_removal(ids):
+            return ids
+    raise AssertionError("no valid removal with heads found")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_heads_neurons_and_operations_are_exact(name):
+    build, x, other, heads, kv_heads = MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    space = fxoto.search(model, 1, (x,), structures="both").space
+    kinds = _kinds(space)
+    assert kinds["operation"] == 4  # attention and MLP branches of two blocks
+    assert kinds["channel"] == 2 * 48  # one group per MLP hidden unit
+    assert kinds["head"] == 2 * kv_heads
+    before = sum(p.numel() for p in model.parameters())
+    for seed in range(3):
+        supernet = copy.deepcopy(model)
+        s = fxoto.search(supernet, 1, (x,), structures="both").space
+        ids = _removal(s, seed)
+        s.zero_(ids)
+        sub = s.construct_subnet()
+        assert type(sub(x)) is type(supernet(x))  # a ModelOutput stays one
+        for inp in (x, other):
+            torch.testing.assert_close(_hidden(sub(inp)), _hidden(supernet(inp)), rtol=1e-4, atol=1e-5)
+        assert sum(p.numel() for p in sub.parameters()) < before
+        _check_head_counts(s, sub, ids, heads, kv_heads)
+
+
+def _check_head_counts(space, sub, ids, heads, kv_heads):
+    """Each attention's projections lose d rows per removed head; the MLP its removed neurons."""
+    removed = space.removed_heads(ids)
+    rep = heads // kv_heads
+    for a in space.attentions:
+        if a.node not in {n.name for n in sub.graph.nodes}:
+            continue  # erased with its operation group
+        gone_kv = sum((a.k, j) in removed for j in range(kv_heads))
+        q = sub.get_submodule(next(n.target for n in sub.graph.nodes if n.name == a.q))
+        k = sub.get_submodule(next(n.target for n in sub.graph.nodes if n.name == a.k))
+        assert k.out_features == (kv_heads - gone_kv) * a.head_dim
+        assert q.out_features == (heads - gone_kv * rep) * a.head_dim
+
+
+def test_llama_gqa_head_group_holds_its_query_heads():
+    model = _llama()
+    space = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    head = next(g for g in space.groups if g.kind == "head")
+    by_param = {}
+    for m in head.members:
+        by_param.setdefault(m.param, []).append((m.dim, m.start, m.stop))
+    # key/value head 0 of layer 0: rows 0..7 of k and v, query heads 0 and 1 (rows 0..15), o columns 0..15
+    assert by_param["layers.0.self_attn.k_proj.weight"] == [(0, 0, 8)]
+    assert by_param["layers.0.self_attn.v_proj.weight"] == [(0, 0, 8)]
+    assert by_param["layers.0.self_attn.q_proj.weight"] == [(0, 0, 8), (0, 8, 16)]
+    assert by_param["layers.0.self_attn.o_proj.weight"] == [(1, 0, 8), (1, 8, 16)]
+
+
+def test_removing_every_head_of_an_attention_is_refused():
+    model = _bert()
+    space = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    attention = space.attentions[0]
+    ids = [g.id for g in space.groups if g.kind == "head" and attention.node in g.nodes]
+    assert len(ids) == 4
+    assert not space.is_valid_removal(ids)
+    assert attention.k in space.removal_problem(ids)
+    assert space.is_valid_removal(ids[:3])
+
+
+def test_the_sub_network_keeps_the_model_signature_and_exports_and_saves_again(tmp_path):
+    model = _llama()
+    s = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    ids = [g.id for g in s.groups if g.kind == "head"][:1] + [g.id for g in s.groups if g.kind == "channel"][:5]
+    s.zero_(ids)
+    sub = s.construct_subnet()
+    x = _ids(1, 9, 3)
+    torch.testing.assert_close(sub(input_ids=x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-5)
+    torch.export.save(torch.export.export(sub, (_ids(2, 7),), strict=False), tmp_path / "sub.pt2")
+    loaded = torch.export.load(tmp_path / "sub.pt2").module()
+    y = _ids(2, 7, 4)
+    torch.testing.assert_close(loaded(y).last_hidden_state, model(y).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_keyword_example_inputs_go_through_export():
+    model = _bert()
+    x, mask = _ids(2, 7), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    s = fxoto.search(model, 1, example_kwargs={"input_ids": x, "attention_mask": mask}, structures="both").space
+    ids = _removal(s, 0)
+    s.zero_(ids)
+    sub = s.construct_subnet()
+    torch.testing.assert_close(sub(input_ids=x, attention_mask=mask).last_hidden_state,
+                               model(input_ids=x, attention_mask=mask).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_is_captured_and_what_is_not_followed_is_named():
+    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4, n_positions=64, use_cache=False)
+    model = GPT2Model(cfg).eval()
+    with pytest.raises(fxoto.errors.NoSearchSpaceError, match="addmm"):  # GPT-2's Conv1D: not yet a stem
+        fxoto.search(model, 1, (_ids(2, 7),), structures="both")
+
+
+def test_fx_models_keep_the_fx_path():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    space = fxoto.build_space(model, (torch.randn(1, 3, 32, 32),))
+    assert any(n.op == "call_module" and n.target == "layer1.0.conv1" for n in space.graph.nodes)
+    assert len(space.groups) == 11
+    assert not hasattr(space.gm, "_in_spec")  # traced by fx, not exported
+
+
+def test_tracer_fx_refuses_what_only_export_takes():
+    model = _bert()
+    with pytest.raises(UntraceableModelError, match="torch.fx could not trace BertModel"):
+        fxoto.search(model, 1, (_ids(2, 7),), tracer="fx")
+
+
+def test_when_both_captures_fail_one_error_gives_both_reasons():
+    class Sized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: neither capture takes it
+                return self.fc(x)
+            return x
+
+    with pytest.raises(UntraceableModelError) as info:
+        fxoto.search(Sized(), 1, (torch.randn(2, 4),))
+    assert "torch.fx could not trace Sized" in str(info.value)
+    assert "torch.export could not capture Sized" in str(info.value)
+
+
+def test_h2spg_delivers_heads_and_neurons_on_a_tiny_llama():
+    torch.manual_seed(0)
+    model = _llama(LlamaForCausalLM)
+    model.train()
+    x = _ids(4, 12)
+    s = fxoto.search(model, {"heads": 2, "channels": 0.25}, (x,), structures="channels")
+    opt = s.optimizer(lr=1e-3, variant="adamw", warmup_steps=3, pruning_steps=6)
+    for step in range(12):
+        batch = _ids(4, 12, step)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    zero = s.space.zero_groups()
+    kinds = {}
+    for i in zero:
+        kinds[s.space.groups[i].kind] = kinds.get(s.space.groups[i].kind, 0) + 1
+    assert kinds == {"head": 2, "channel": 24}
+    sub = s.subnet()
+    torch.testing.assert_close(sub(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
