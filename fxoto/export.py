@@ -17,8 +17,8 @@ it already is:
   ``operator.add``, ``aten.view`` is ``Tensor.view`` ...  An ATen operation missing
   from it stays as it is, and the op table treats it as unknown: no group crosses it.
 
-The batch dimension of every tensor input, and the sequence dimension of integer
-inputs (token ids, masks), are captured as dynamic, so the sizes in views and
+Every dimension of the inputs is captured as dynamic where the model allows it
+(``Dim.AUTO``: batch and sequence, not a ViT's patch grid), so the sizes in views and
 reshapes are read from the inputs (``x.size(0)``) and the sub-network takes the
 batch sizes and sequence lengths the model does.  The graph keeps the exported
 program's pytree code generation: the ``GraphModule`` takes the model's own
@@ -105,16 +105,14 @@ _CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default, at
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """Batch (dim 0) of every tensor input and sequence (dim 1) of integer inputs as ``Dim.AUTO``."""
+    """Every dimension of every tensor input as ``Dim.AUTO``: dynamic where the model lets it be (batch,
+    sequence), specialised to the example's size where the model fixes it (channels, a ViT's patches)."""
     auto = torch.export.Dim.AUTO
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        dims = {0: auto}
-        if x.dim() >= 2 and not x.is_floating_point():
-            dims[1] = auto
-        return dims
+        return {d: auto for d in range(x.dim())}
 
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)

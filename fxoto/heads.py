@@ -42,7 +42,7 @@ from fxoto.space import Exclusion, GeZIG, Member
 
 Head = tuple[str, int]  # (projection node, head index in its output)
 
-_UNARY = (F.dropout, torch.clone, torch.neg, F.silu, F.gelu, F.relu)
+_UNARY = (F.dropout, torch.clone, torch.neg, operator.neg, F.silu, F.gelu, F.relu)
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ class _Follow:
                 self.visit(node, ins)
             except _Unfollowed as why:
                 self.fail(ins, f"its heads are not followed at node '{node.name}': {why}")
+            except (TypeError, ValueError, IndexError, AttributeError) as error:  # arguments of a form not read here
+                self.fail(ins, f"its heads are not followed at node '{node.name}' ({type(error).__name__}: {error})")
 
     def projections(self, x: fx.Node) -> set[str]:
         return {p for p, _ in self.track[x].heads}
@@ -171,6 +173,8 @@ class _Follow:
     def visit(self, node: fx.Node, ins: list[fx.Node]) -> None:
         shape = node.meta.get(SHAPE)
         if not isinstance(shape, torch.Size):
+            if node.op == "call_method" and node.target == "size" or node.target is getattr:
+                return  # a size read at run time: the sub-network's own sizes
             raise _Unfollowed("not a tensor")
         x = ins[0]
         t = self.track[x]
@@ -214,6 +218,8 @@ class _Follow:
                 raise _Unfollowed("a slice along the heads")
             rep = t.rep if _normal(node.args[1], len(shape)) != t.rep else None
             self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, rep)
+        elif target is operator.getitem:
+            self.index(node, t, shape)
         elif target is torch.cat:
             dim = _normal(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
             if dim == t.axis or any(self.track.get(y) != t for y in node.args[0]):
@@ -245,6 +251,19 @@ class _Follow:
             self.size_at(node, a, self.track[node])
         else:
             raise _Unfollowed(f"a reshape from {list(before)} to {list(shape)}")
+
+    def index(self, node: fx.Node, t: _Track, shape: torch.Size) -> None:
+        """``x[..., a:b]``: slices (and one ``...``) that leave the head axis whole."""
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not all(isinstance(i, slice) or i is Ellipsis for i in index) or sum(i is Ellipsis for i in index) > 1:
+            raise _Unfollowed("an index other than slices")
+        ndim = len(shape)
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1:]
+        if t.axis < len(index) and index[t.axis] != slice(None):
+            raise _Unfollowed("a slice along the heads")
+        self.track[node] = _Track(t.axis, t.heads, t.block, t.plain, t.rep)
 
     def binary(self, node: fx.Node, t: _Track, shape: torch.Size) -> None:
         """A sum or product with a tensor of the same heads, or one that is the same for every head
