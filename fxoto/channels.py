@@ -1,4 +1,4 @@
-"""Slim operations: channel groups beside the GeZIGs (issue 11; DESIGN 3, 7).
+"""Slim operations: channel groups beside the GeZIGs (DESIGN 3, 7).
 
 ``find_channel_groups`` forms one group per *channel*: a set of output
 channels that must be zero together for all of them to carry exact zeros
