@@ -33,11 +33,10 @@ has two paths (``fxoto.h2spg_steps``), chosen by ``foreach``: a loop over tensor
 (``_single_tensor_pass``, the default on the CPU, where it keeps each tensor in cache)
 and multi-tensor ``torch._foreach_*`` calls over all parameters (``_multi_tensor_pass``,
 the default on CUDA).  Both return the same inner products to the same rules
-(``hybrid_group_step``).  A step takes, per row of
-the redundant groups, the inner products ||x||^2, x.d and ||d||^2 (d: the step
-direction, the gradient or its momentum / Adam variant), sums them per group (one
-``index_add_``), computes lambda_g and the projection test from them and only then
-moves the rows: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_g||, and
+(``hybrid_group_step``).  A step takes, per row of the redundant groups, the inner
+products ||x||^2, x.d and ||d||^2 (d: the step direction, the gradient or its momentum /
+Adam variant), sums them per group (one ``index_add_``), computes lambda_g and the
+projection test from them and only then moves the rows: x~ = a x - lr d with a = 1 - lr lambda_g / ||x_g||, and
 x~.x = ||x||^2 - lr (lambda_g ||x_g|| + x.d), so a group that the test zeroes is
 written as zero in the same pass (x <- keep a x - keep lr d).  With a K per kind of
 group, each kind is selected by its own ranking (``select_per_kind``).
@@ -264,7 +263,6 @@ class H2SPG(Optimizer):
         self._copies = _DeviceCopies(self.device)  # learning rates and step scales on the device
         self._step_on_device = torch.zeros(1, dtype=torch.long, device=self.device)  # _step, for first_non_finite
         self._checked_at = 0  # the step of the last check_finite
-
 
     def _locate(self) -> None:
         """The device of the parameters (one, and real), where H2SPG keeps its own state, and
