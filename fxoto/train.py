@@ -1,9 +1,8 @@
 """Training a super-network with H2SPG: the loop users would otherwise write by hand.
 
 ``fit`` runs epochs with a progress bar (``tqdm.auto``: a widget in a notebook; loss, accuracy,
-zero groups, learning rate),
-evaluates on a validation loader, writes a checkpoint after every epoch (and on Ctrl-C), and
-resumes from one bit-for-bit on the CPU.
+zero groups, learning rate), evaluates on a validation loader, writes a checkpoint after every
+epoch (and on Ctrl-C), and resumes from one bit-for-bit on the CPU.
 
 Device. ``fit`` trains on the model's device, or moves the model to ``device`` first, and moves
 each batch there (non-blocking; fxoto's own loaders pin their memory for CUDA). A checkpoint is
