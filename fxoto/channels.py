@@ -1,4 +1,4 @@
-"""Slim operations: channel groups beside the GeZIGs (issue 11; DESIGN 3, 7).
+"""Slim operations: channel groups beside the GeZIGs (DESIGN 3, 7).
 
 ``find_channel_groups`` forms one group per *channel*: a set of output
 channels that must be zero together for all of them to carry exact zeros
@@ -74,7 +74,7 @@ from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
 from fxoto.segments import (LIVE, RULE, SEGMENT, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data,
                             is_joint, own_parameters, users)
 from fxoto.shapes import SHAPE, submodule
-from fxoto.space import Exclusion, GeZIG, Member, _collector_paused, _ranges
+from fxoto.groups import Exclusion, GeZIG, Member, _collector_paused, _ranges
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 

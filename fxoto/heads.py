@@ -38,7 +38,7 @@ from torch import nn
 from fxoto.channels import ChannelLayer, ChannelSlice
 from fxoto.segments import LIVE, data_inputs, own_parameters
 from fxoto.shapes import SHAPE, submodule
-from fxoto.space import Exclusion, GeZIG, Member
+from fxoto.groups import Exclusion, GeZIG, Member
 
 Head = tuple[str, int]  # (projection node, head index in its output)
 

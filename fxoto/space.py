@@ -10,15 +10,12 @@ and the sub-network rewrite both call; it holds the channel groups of
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import operator
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,64 +23,15 @@ import torch.fx as fx
 from torch import nn
 
 from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
+from fxoto.groups import (ChannelGroupSet, Exclusion, GeZIG, Member,  # noqa: F401 (re-exported: fxoto.space.GeZIG ...)
+                          _collector_paused, _ranges)
 from fxoto.roles import Joint, Role, Zero
 from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint,
                             own_parameters, runs, source_indices, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
-if TYPE_CHECKING:
-    from fxoto.channels import ChannelGroups, ChannelSlice
-
-
 PAIRS_TRIED = 2000  # select_removal's pair search: validity checks cost O(segments) each
-
-
-@dataclass(frozen=True)
-class Member:
-    """One tensor of a group: a whole parameter, or the range ``start:stop`` along ``dim``."""
-
-    param: str
-    dim: int | None = None
-    start: int = 0
-    stop: int = 0
-
-    def __str__(self) -> str:
-        if self.dim is None:
-            return self.param
-        return f"{self.param}[{'' if self.dim == 0 else ':, ' * self.dim}{self.start}:{self.stop}]"
-
-
-@dataclass(frozen=True)
-class GeZIG:
-    """A generalized zero-invariant group: the variables of one removable segment.
-
-    ``members`` are zero together; then the segment's output is exactly zero
-    for every input and ``nodes`` (the whole segment) can be erased.
-
-    ``kind`` is ``"operation"`` for such a group, ``"channel"`` for one output
-    channel of a stem (``fxoto.channels``): ``nodes`` then names the stem and the
-    per-channel modules after it, ``segment`` is -1 and nothing is erased but the
-    channel (DESIGN 7).
-    """
-
-    id: int
-    segment: int
-    nodes: tuple[str, ...]
-    members: tuple[Member, ...]
-    numel: int
-    kind: str = "operation"
-
-    def __str__(self) -> str:
-        return f"g{self.id}: " + " -> ".join(self.nodes)
-
-
-@dataclass(frozen=True)
-class Exclusion:
-    """A segment that looked removable but is kept whole, and why."""
-
-    nodes: tuple[str, ...]
-    reason: str
 
 
 def zeroed_by_own_variables(node: fx.Node, root: nn.Module) -> bool:
@@ -218,7 +166,8 @@ class SearchSpace:
     """
 
     def __init__(self, model: nn.Module, graph: fx.Graph, segments: list[Segment], groups: list[GeZIG],
-                 excluded: list[Exclusion], channels: ChannelGroups | None = None, heads=None):
+                 excluded: list[Exclusion], channels: ChannelGroupSet | None = None,
+                 heads: ChannelGroupSet | None = None):
         self.model = model
         self.graph = graph
         self.segments = segments
@@ -265,7 +214,7 @@ class SearchSpace:
                 + (self._heads.groups if self._heads is not None else []))
 
     @functools.cached_property
-    def slices(self) -> dict[int, ChannelSlice]:
+    def slices(self) -> dict[int, Any]:
         """What each channel group slices (``fxoto.channels.ChannelSlice``), by group id."""
         found = dict(self._channels.slices) if self._channels is not None else {}
         if self._heads is not None:
@@ -674,27 +623,3 @@ def select_per_kind(space: SearchSpace, order: Sequence[int], counts: dict[str, 
         raise KTooLargeError(f"the {sum(counts.values())} groups chosen per kind ({counts}) are valid kind by kind "
                              f"but not together in {type(space.model).__name__}; give K as one number")
     return chosen
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """Pause Python's cyclic garbage collector while many small objects are made: the channel
-    groups are hundreds of thousands of them (resnet50: 26,000 channels), and each collection
-    would walk the traced graph, its metadata and the groups made so far again (20x the time of
-    ``_rows_of_group`` on efficientnet_v2_l).  Nothing made there forms a cycle that must go early."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _ranges(starts: Sequence[int], lengths: Sequence[int], steps: Sequence[int] | None = None) -> np.ndarray:
-    """``range(s, s + n)`` for each start ``s`` and length ``n``, concatenated (with ``steps``:
-    ``s + step * i`` for ``i`` in ``range(n)``)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    steps = within if steps is None else np.repeat(np.asarray(steps, dtype=np.int64), lengths) * within
-    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + steps

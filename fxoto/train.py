@@ -1,8 +1,8 @@
 """Training a super-network with H2SPG: the loop users would otherwise write by hand.
 
-``fit`` runs epochs with a progress bar (loss, accuracy, group sparsity, learning rate),
-evaluates on a validation loader, writes a checkpoint after every epoch (and on Ctrl-C), and
-resumes from one bit-for-bit on the CPU.
+``fit`` runs epochs with a progress bar (``tqdm.auto``: a widget in a notebook; loss, accuracy,
+zero groups, learning rate), evaluates on a validation loader, writes a checkpoint after every
+epoch (and on Ctrl-C), and resumes from one bit-for-bit on the CPU.
 
 Device. ``fit`` trains on the model's device, or moves the model to ``device`` first, and moves
 each batch there (non-blocking; fxoto's own loaders pin their memory for CUDA). A checkpoint is
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
 
 from fxoto import distributed
 from fxoto.data import to_device
@@ -54,29 +54,6 @@ AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.floa
 
 class MixedPrecisionError(FxotoError, ValueError):
     """An ``amp`` dtype that this torch cannot autocast to on the training device."""
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr; one line per update when not a terminal."""
-
-    def __init__(self, total: int, prefix: str, stream=None, width: int = 24):
-        self.total, self.prefix, self.width = total, prefix, width
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = time.perf_counter()
-
-    def update(self, done: int, **fields) -> None:
-        if not self.tty and done != self.total:
-            return
-        filled = int(self.width * done / max(self.total, 1))
-        bar = "#" * filled + "-" * (self.width - filled)
-        text = " ".join(f"{k} {v}" for k, v in fields.items())
-        elapsed = time.perf_counter() - self.start
-        line = f"{self.prefix} [{bar}] {done}/{self.total} {text} {elapsed:.1f}s"
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 @dataclass
@@ -393,7 +370,7 @@ def fit(
     metrics: dict[str, Any] = {}
 
     @torch.no_grad()
-    def reading(tally: _Tally, epoch: int, bar: ProgressBar | None, done: int) -> None:
+    def reading(tally: _Tally, epoch: int, bar: tqdm | None, done: int) -> None:
         """Read the sums and the optimizer's metrics back from the device: one record, one bar update."""
         nonlocal metrics
         if check_finite is not None:
@@ -412,9 +389,10 @@ def fit(
             if metrics:
                 fields["zero"] = f"{metrics['zero_groups']}/{metrics['groups']}"
             fields["lr"] = f"{optimizer.param_groups[0]['lr']:.3g}"
-            bar.update(done, **fields)
+            bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in fields.items()), refresh=False)
+            bar.update(done - bar.n)
 
-    epoch = start
+    epoch, bar = start, None
     # Groups shrinking towards zero under the group lasso pass through denormal
     # floats, which slow CPU arithmetic several-fold: flush them while training.
     flushed = torch.set_flush_denormal(True)
@@ -425,7 +403,7 @@ def fit(
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
             n_batches = len(train_loader) if hasattr(train_loader, "__len__") else 0
-            bar = ProgressBar(n_batches, f"epoch {epoch + 1}/{epochs}", stream) if progress and rank == 0 else None
+            bar = _progress_bar(n_batches, f"epoch {epoch + 1}/{epochs}", stream) if progress and rank == 0 else None
             tally, done = _Tally(device), 0
             for x, y in train_loader:
                 x, y = to_device(x, device), to_device(y, device)
@@ -446,6 +424,8 @@ def fit(
                     reading(tally, epoch, bar, done)
             if tally.reads != done or done == 0:
                 reading(tally, epoch, bar, done)
+            if bar is not None:
+                bar.close()
             if scheduler is not None:
                 scheduler.step()
             distributed.broadcast_buffers(module)
@@ -466,6 +446,8 @@ def fit(
             if checkpoint_dir is not None and world > 1:
                 torch.distributed.barrier()  # the file is complete before any rank goes on (and may read it)
     except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
         if ckpt is not None:
             interrupted = ckpt.with_name("interrupted.pt")
             save_checkpoint(interrupted, module, optimizer, epoch, history, train_loader, scaler=scaler)
@@ -475,6 +457,14 @@ def fit(
         if flushed:
             torch.set_flush_denormal(False)
     return history
+
+
+def _progress_bar(total: int, desc: str, stream) -> tqdm:
+    """One epoch's bar: tqdm's, redrawn in place on a terminal (a widget in a notebook), at most
+    every 30 s into a log file or pipe, so that a log keeps a few states per epoch, not one per reading."""
+    tty = getattr(stream, "isatty", lambda: False)()
+    return tqdm(total=total or None, desc=desc, file=stream, unit="batch", dynamic_ncols=tty,
+                mininterval=0.1 if tty else 30.0)
 
 
 def _check_same_on_every_rank(zero_groups: int, device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Slim operations, first slice: channel groups beside GeZIGs (issue 11)."""
+"""Slim operations, first slice: channel groups beside GeZIGs."""
 
 import pytest
 import torch

@@ -89,7 +89,7 @@ def test_scaled_residual_subnets_are_exact(scale):
 
 
 class CatScale(nn.Module):
-    """``torch.cat([a(h), b(h)], 1) * gamma`` with gamma of shape [C, 1, 1] (issue 14)."""
+    """``torch.cat([a(h), b(h)], 1) * gamma`` with gamma of shape [C, 1, 1]."""
 
     def __init__(self, factor: str):
         super().__init__()

@@ -1,7 +1,7 @@
 """Layers called at two or more places: every call site of the sub-network reads the right channels.
 
 Each network here once gave a sub-network that failed at its first forward, or
-an ``IndexError`` inside ``construct_subnet`` (issue 12).
+an ``IndexError`` inside ``construct_subnet``.
 """
 
 import itertools

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import fxoto
+import fxoto.train
 from fxoto.data import get_dataset
 from fxoto.pipeline import Fitted
 from fxoto.errors import DeviceError
@@ -45,7 +46,19 @@ def test_fit_reaches_k_zero_groups_and_reports_progress():
         assert abs((2 * a["loss"] + b["loss"]) / 3 - e.loss) < 1e-6
     assert history.steps[-1]["zero_groups"] == 3 and history.steps[-1]["phase"] == "pruned"
     text = stream.getvalue()
-    assert "epoch 2/2" in text and "zero 3/5" in text and "lr 0.05" in text and "acc" in text
+    assert "epoch 2/2" in text and "zero 3/5" in text and "lr 0.05" in text and "acc" in text and "loss" in text
+
+
+def test_progress_is_quiet_when_asked_and_on_every_rank_but_0(monkeypatch):
+    _, s, loader, _ = setup()
+    quiet = io.StringIO()
+    s.fit(loader, nn.CrossEntropyLoss(), 1, stream=quiet, progress=False)
+    assert quiet.getvalue() == ""
+    _, s, loader, _ = setup()
+    monkeypatch.setattr(fxoto.train.distributed, "rank", lambda: 1)
+    other = io.StringIO()
+    s.fit(loader, nn.CrossEntropyLoss(), 1, stream=other)
+    assert other.getvalue() == ""
 
 
 def test_resume_after_epoch_one_gives_the_same_parameters(tmp_path):

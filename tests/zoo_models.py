@@ -17,7 +17,7 @@ NO_JOINT = {n for n in TORCHVISION if n.startswith(("alexnet", "vgg"))}
 # with chunk: fxoto follows both as index maps; each branch feeding a concat is a GeZIG.
 SHUFFLED = {n for n in TORCHVISION if n.startswith("shufflenet")}
 
-# GeZIG counts from DESIGN section 3 and issue 12, found by an independent prototype.
+# GeZIG counts from DESIGN section 3 and from an independent prototype's reading of each model.
 EXPECTED_COUNTS = {
     "resnet18": 11, "resnet50": 20, "mobilenet_v2": 10, "efficientnet_b0": 9,
     "densenet121": 58, "googlenet": 36, "inception_v3": 44, "regnet_x_400mf": 26,

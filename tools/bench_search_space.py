@@ -2,7 +2,7 @@
 
 For six torchvision models (random init, eval, one 1x3x224x224 input) this times, in one process
 and on the same model objects, ``fxoto.build_space`` (operations, the default), ``fxoto.build_space``
-with ``structures="both"`` (operation and channel groups, issue 11) and ``"channels"``, and torch-pruning's
+with ``structures="both"`` (operation and channel groups) and ``"channels"``, and torch-pruning's
 ``DependencyGraph().build_dependency``, taking turns for ``--repeats`` rounds after one warm-up,
 and prints the median and the minimum of each and their ratios to torch-pruning (targets: 0.5
 or less for operations, 1 or less for both). Both trace the model and find which tensors must change together, though not the same

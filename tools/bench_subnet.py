@@ -4,7 +4,7 @@
 
 For resnet50, densenet121, mobilenet_v2 and DemoSupNet, about half of the GeZIGs
 are erased (the groups are tried in a seeded random order and kept while the
-removal stays valid); for ``resnet50-channels`` (``structures="channels"``, issue 11)
+removal stays valid); for ``resnet50-channels`` (``structures="channels"``)
 about half of its channel groups, drawn the same way, so every layer is slimmed.
 Printed in one table, measured in one process: ``construct_subnet()`` time, the
 largest output difference sub / zeroed super (relative), the parameters and MACs ratios

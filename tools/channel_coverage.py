@@ -1,4 +1,4 @@
-"""Channel coverage: the channels fxoto can slim against those torch-pruning can prune (issue 11).
+"""Channel coverage: the channels fxoto can slim against those torch-pruning can prune.
 
 For each torchvision classification model (random values, eval, one small input as in
 ``tests/zoo_models.py``) this counts, side by side, layer channels: the (layer, output
