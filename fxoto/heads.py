@@ -83,6 +83,22 @@ class Attention:
     head_dim: int
     kv_of_query: tuple[int, ...]  # per query head: the key/value head it reads
     sizes: tuple[HeadSize, ...]
+    repeats: tuple[str, ...] = ()  # grouped-query attention: the reshapes that repeat k's and v's heads
+
+    def closure(self, removed: set[Head]) -> set[Head]:
+        """The heads of this attention that go with ``removed``: the query heads of a removed key/value
+        head (they read zeros), and a key/value head none of whose query heads is left (read by none)."""
+        gone = {h for h in removed if h[0] in (self.q, self.k, self.v)}
+        for i, j in enumerate(self.kv_of_query):
+            if (self.k, j) in gone:
+                gone.add((self.q, i))
+        for j in set(self.kv_of_query):
+            if all((self.q, i) in gone for i, jj in enumerate(self.kv_of_query) if jj == j):
+                gone.update({(self.k, j), (self.v, j)})
+        return gone
+
+    def kept_queries(self, gone: set[Head]) -> list[int]:
+        return [i for i in range(len(self.kv_of_query)) if (self.q, i) not in gone]
 
 
 class _Unfollowed(Exception):
@@ -118,6 +134,7 @@ class _Follow:
         self.failed: dict[str, str] = {}  # projection: why its heads are not followed
         self.attentions: list[tuple[fx.Node, _Track, _Track, _Track]] = []
         self.readers: dict[fx.Node, tuple[fx.Node, _Track]] = {}  # output projection: (its input, track)
+        self.repeats: dict[fx.Node, str] = {}  # grouped-query attention's reshape: the projection it repeats
         for node in graph.nodes:
             if not node.meta.get(LIVE) or node.op in ("placeholder", "get_attr"):
                 continue
@@ -242,6 +259,7 @@ class _Follow:
                 and shape[:a] == before[:a] and shape[a] == before[a] * before[a + 1] and shape[a + 1:] == before[a + 2:]:
             heads = tuple(h for h in t.heads for _ in range(before[a + 1]))  # grouped-query attention
             self.track[node] = _Track(a, heads, t.block, t.plain)
+            self.repeats[node] = t.heads[0][0]
             self.size_at(node, a, self.track[node])
         elif t.block == 1 and a == len(before) - 2 and shape == before[:-2] + (before[-2] * before[-1],):
             self.track[node] = _Track(a, t.heads, before[-1], t.plain)  # merged into features
@@ -337,14 +355,26 @@ def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set
         d = nodes[q].meta[SHAPE][-1] // len(tq.heads)
         dkv = nodes[k].meta[SHAPE][-1] // (max(kv_of) + 1)
         sizes = tuple(s for p in (q, k, v) for s in follow.sizes[p])
-        attentions.append(Attention(node.name, q, k, v, reader.name, d, kv_of, sizes))
+        repeats = tuple(n.name for n, p in follow.repeats.items() if p in (k, v))
+        attentions.append(Attention(node.name, q, k, v, reader.name, d, kv_of, sizes, repeats))
         out_members = reader.name not in taken and not any(
             p in channel_params for p, _ in own_parameters(reader, root))
-        for j in range(max(kv_of) + 1):
-            queries = [i for i, jj in enumerate(kv_of) if jj == j]
+        # Grouped-query attention with the output projection's columns at hand: a key/value head's
+        # group is its k and v rows (its query heads read zeros then, and go with it), and each query
+        # head is a group of its own (q rows, output columns: its contribution is zero whatever the
+        # softmax gives).  Otherwise one group per key/value head holds its query heads too.
+        apart = out_members and len(kv_of) > max(kv_of) + 1
+        units = [((k, j), (v, j)) + (() if apart else tuple((q, i) for i, jj in enumerate(kv_of) if jj == j))
+                 for j in range(max(kv_of) + 1)]
+        if apart:
+            units += [((q, i),) for i in range(len(kv_of))]
+        width = {q: d, k: dkv, v: dkv}
+        for unit in units:
             members: list[Member] = []
             rows: list[tuple[str, int]] = []
-            for stem, lo, n in [(k, j * dkv, dkv), (v, j * dkv, dkv), *((q, i * d, d) for i in queries)]:
+            queries = [i for stem, i in unit if stem == q]
+            for stem, h in unit:
+                lo, n = h * width[stem], width[stem]
                 rows += [(stem, r) for r in range(lo, lo + n)]
                 members += [Member(p, 0, lo, lo + n) for p, _ in own_parameters(nodes[stem], root)]
             columns = tuple((reader.name, i * d, d) for i in queries)
@@ -353,9 +383,10 @@ def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set
                             if t.dim() == 2 for i in queries]
             gid = first_id + len(groups)
             numel = sum((m.stop - m.start) * _per_index(root, m) for m in members)
-            groups.append(GeZIG(gid, -1, (node.name, q, k, v, reader.name), tuple(members), numel, kind="head"))
+            groups.append(GeZIG(gid, -1, (node.name, *dict.fromkeys(stem for stem, _ in unit), reader.name),
+                                tuple(members), numel, kind="head"))
             slices[gid] = ChannelSlice(tuple(rows), (), columns)
-            heads_of[gid] = frozenset([(k, j), (v, j), *((q, i) for i in queries)])
+            heads_of[gid] = frozenset(unit)
         for stem in (q, k, v):
             layers[stem] = ChannelLayer(stem, nodes[stem].meta[SHAPE][-1])
             params.update(p for p, _ in own_parameters(nodes[stem], root))

@@ -222,10 +222,22 @@ class SearchSpace:
         return found
 
     def removed_heads(self, ids: Iterable[int]) -> set[tuple[str, int]]:
-        """(projection node, head) of every head the head groups among ``ids`` remove."""
+        """(projection node, head) of every head the head groups among ``ids`` remove, with the heads that
+        go with them (``fxoto.heads.Attention.closure``: a removed key/value head's query heads, a
+        key/value head left without query heads)."""
         if self._heads is None:
             return set()
-        return {h for i in ids for h in self._heads.heads.get(i, ())}
+        removed = {h for i in ids for h in self._heads.heads.get(i, ())}
+        return set().union(removed, *(a.closure(removed) for a in self.attentions))
+
+    def _head_problem(self, ids: list[int]) -> str | None:
+        """An attention left with no query head (its projections would have no rows)."""
+        removed = self.removed_heads(ids)
+        for a in self.attentions:
+            if not a.kept_queries(removed):
+                return (f"removing every head of the attention at node '{a.node}' (projections '{a.q}', '{a.k}', "
+                        f"'{a.v}') would leave it with none; remove its operation group instead (structures='both')")
+        return None
 
     @functools.cached_property
     def _seg_of_group(self) -> list[int | None]:
@@ -274,10 +286,19 @@ class SearchSpace:
         the dependency-graph check.
         """
         ids = self._known(ids)
+        operations = {self._seg_of_group[i] for i in ids} - {None}
+        if self.attentions and (problem := self._head_problem(
+                [i for i in ids if not self._erases_attention(i, operations)])) is not None:
+            return problem
         erased, problem = self.channel_erasures(ids)
         if problem is not None:
             return problem
         return self._graph_problem(erased | {self._seg_of_group[i] for i in ids} - {None})
+
+    def _erases_attention(self, i: int, operations: set[int]) -> bool:
+        """Whether head group ``i``'s attention lies in an erased operation group's segment."""
+        g = self.groups[i]
+        return g.kind == "head" and self._segment_of_node.get(g.nodes[0]) in operations
 
     def channel_erasures(self, ids: Iterable[int]) -> tuple[set[int], str | None]:
         """The segments erased because every channel of their stem is among ``ids``, and

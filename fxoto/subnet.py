@@ -165,13 +165,32 @@ def _rewrite_moves(gm: fx.GraphModule, space_gm: fx.GraphModule, moves: dict[str
             graph.erase_node(node)
 
 
+def _head_cuts(space, ids, drops: dict[str, set[int]], consume: dict[str, set[int]], erased: set[str]) -> None:
+    """The rows and columns of the heads that go with the removed ones (``SearchSpace.removed_heads``)."""
+    removed = space.removed_heads(ids)
+    for a in space.attentions:
+        if a.node in erased:
+            continue
+        d_kv = space.layers[a.k].channels // (max(a.kv_of_query) + 1)
+        for stem, h in removed:
+            width = a.head_dim if stem == a.q else d_kv
+            if stem in (a.q, a.k, a.v):
+                drops[stem].update(range(h * width, (h + 1) * width))
+            if stem == a.q:
+                consume[a.out].update(range(h * a.head_dim, (h + 1) * a.head_dim))
+
+
 def _rewrite_head_sizes(gm: fx.GraphModule, space, ids, erased: set[str]) -> None:
-    """The head counts written in views, expands and reshapes (``fxoto.heads.HeadSize``), for the heads kept."""
+    """The head counts written in views, expands and reshapes (``fxoto.heads.HeadSize``), for the heads
+    kept; with grouped-query attention that lost query heads of a kept key/value head, k's and v's
+    repeated heads indexed down to the query heads kept."""
     removed = space.removed_heads(ids)
     if not removed:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
     for attention in space.attentions:
+        if attention.node in erased:
+            continue
         for size in attention.sizes:
             if size.node in erased or size.node not in nodes or not removed.intersection(size.heads):
                 continue
@@ -184,6 +203,16 @@ def _rewrite_head_sizes(gm: fx.GraphModule, space, ids, erased: set[str]) -> Non
                 args[size.position] = type(args[size.position])(
                     count if i == size.inner else n for i, n in enumerate(args[size.position]))
             node.args = tuple(args)
+        repeated = [i for j in sorted(set(attention.kv_of_query)) if (attention.k, j) not in removed
+                    for i, jj in enumerate(attention.kv_of_query) if jj == j]
+        kept = [at for at, i in enumerate(repeated) if (attention.q, i) not in removed]
+        if len(kept) == len(repeated):
+            continue
+        for name in attention.repeats:
+            node = nodes[name]
+            with gm.graph.inserting_after(node):
+                picked = gm.graph.call_function(operator.getitem, (node, (slice(None), kept)))
+            node.replace_all_uses_with(picked, delete_user_cb=lambda user: user is not picked)
 
 
 def _keep(n: int, drop: set[int], device: torch.device) -> torch.Tensor:
@@ -487,6 +516,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     consume, per_channel, factors, moves = _removed_features(space.gm, erased)
     drops = _channel_drops(space, ids)
     _slim(space, ids, erased, consume, per_channel)
+    _head_cuts(space, ids, drops, consume, erased)
 
     sub = _copy_sharing_tensors(space.gm)
     nodes = {n.name: n for n in sub.graph.nodes}

@@ -123,18 +123,53 @@ def _check_head_counts(space, sub, ids, heads, kv_heads):
         assert q.out_features == (heads - gone_kv * rep) * a.head_dim
 
 
-def test_llama_gqa_head_group_holds_its_query_heads():
+def _members(group):
+    by_param = {}
+    for m in group.members:
+        by_param.setdefault(m.param, []).append((m.dim, m.start, m.stop))
+    return by_param
+
+
+def test_llama_gqa_key_value_heads_and_query_heads_are_groups():
     model = _llama()
     space = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    heads = [g for g in space.groups if g.kind == "head"]
+    assert len(heads) == 2 * (2 + 4)  # per layer: 2 key/value heads, 4 query heads
+    # key/value head 0 of layer 0: rows 0..7 of k and v (its query heads read zeros and go with it)
+    assert _members(heads[0]) == {"layers.0.self_attn.k_proj.weight": [(0, 0, 8)],
+                                  "layers.0.self_attn.v_proj.weight": [(0, 0, 8)]}
+    # query head 1 of layer 0: rows 8..15 of q and columns 8..15 of the output projection
+    assert _members(heads[3]) == {"layers.0.self_attn.q_proj.weight": [(0, 8, 16)],
+                                  "layers.0.self_attn.o_proj.weight": [(1, 8, 16)]}
+
+
+def test_llama_gqa_with_operations_keeps_query_heads_in_their_key_value_group():
+    """With "both" the output projection stays whole in the attention's operation group, so a query head
+    alone could not be zeroed: each key/value head's group holds the q rows of its query heads."""
+    space = fxoto.search(_llama(), 1, (_ids(2, 7),), structures="both").space
     head = next(g for g in space.groups if g.kind == "head")
-    by_param = {}
-    for m in head.members:
-        by_param.setdefault(m.param, []).append((m.dim, m.start, m.stop))
-    # key/value head 0 of layer 0: rows 0..7 of k and v, query heads 0 and 1 (rows 0..15), o columns 0..15
-    assert by_param["layers.0.self_attn.k_proj.weight"] == [(0, 0, 8)]
-    assert by_param["layers.0.self_attn.v_proj.weight"] == [(0, 0, 8)]
-    assert by_param["layers.0.self_attn.q_proj.weight"] == [(0, 0, 8), (0, 8, 16)]
-    assert by_param["layers.0.self_attn.o_proj.weight"] == [(1, 0, 8), (1, 8, 16)]
+    assert _members(head) == {"layers.0.self_attn.k_proj.weight": [(0, 0, 8)],
+                              "layers.0.self_attn.v_proj.weight": [(0, 0, 8)],
+                              "layers.0.self_attn.q_proj.weight": [(0, 0, 8), (0, 8, 16)]}
+
+
+@pytest.mark.parametrize("removed", [[("q", 1)], [("q", 0), ("q", 3)], [("q", 2), ("q", 3)], [("k", 0), ("q", 2)]])
+def test_llama_gqa_query_heads_removed_inside_their_key_value_group(removed):
+    """Query heads removed unevenly from their key/value groups: k and v's repeated heads are indexed down."""
+    model = _llama()
+    s = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    a = s.attentions[0]
+    stems = {"q": a.q, "k": a.k}
+    ids = [g.id for g in s.groups if g.kind == "head" and s._heads.heads[g.id] in
+           [frozenset({(stems[p], i)}) | ({(a.v, i)} if p == "k" else set()) for p, i in removed]]
+    assert len(ids) == len(removed)
+    s.zero_(ids)
+    sub = s.construct_subnet()
+    gone = s.removed_heads(ids)
+    q = sub.get_submodule("layers.0.self_attn.q_proj")
+    assert q.out_features == 8 * len(a.kept_queries(gone))
+    for inp in (_ids(2, 7), _ids(3, 5, 1)):
+        torch.testing.assert_close(sub(inp).last_hidden_state, model(inp).last_hidden_state, rtol=1e-4, atol=1e-5)
 
 
 def test_removing_every_head_of_an_attention_is_refused():
