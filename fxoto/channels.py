@@ -70,6 +70,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxoto.patterns import rms_norm
 from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
 from fxoto.segments import (LIVE, RULE, SEGMENT, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data,
                             is_joint, own_parameters, users)
@@ -305,6 +306,15 @@ class _Walk:
             return
         rule = node.meta[RULE]
         module = submodule(self.root, node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Embedding):
+            self.embedding(node, module)
+            return
+        if node.op == "call_function" and node.target is rms_norm and len(ins) == 1:
+            self.rms_norm(node, ins[0])
+            return
+        if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor and len(ins) == 1:
+            self.slice(node, ins[0])
+            return
         if rule.joint is Joint.ADD:
             self.add(node, ins)
         elif rule.role is Role.STEM:
@@ -433,6 +443,42 @@ class _Walk:
         elif grouped:
             self.taint(node, f"{what} is a grouped convolution whose input channels are not followed")
 
+    def embedding(self, node: fx.Node, m: nn.Embedding) -> None:
+        """A lookup table as a stem: its output channel c (last dim) is column c of its weight, zero when the
+        column is (DESIGN 6b: the first writer of a residual stream)."""
+        problem = None
+        if m.max_norm is not None:
+            problem = f"{_what(node, self.root)} renormalises its rows (max_norm): a column's zero is not its own"
+        problem = problem or self.shared(node, self.calls[node.target])
+        if len(self.calls[node.target]) > 1:
+            problem = problem or f"{_what(node, self.root)} is called at several places"
+        self.new(node, -1, problem)
+        self.stems.append(node)
+
+    def rms_norm(self, node: fx.Node, x: fx.Node) -> None:
+        """RMSNorm over the channels (``fxoto.patterns.rms_norm``): channel c of its output is zero when channel c
+        of its input is; its weight entry c goes with the channel, and the rewrite keeps the old denominator
+        for the channels left (weight times sqrt(N/N'), eps times N/N', DESIGN 6b)."""
+        if self.dim[x] != len(x.meta[SHAPE]) - 1 or self.block[x] != 1:
+            self.opaque(node, "an RMSNorm over another dim than their own")
+            return
+        self.join(node, x)
+        self.hold(node, True)
+
+    def slice(self, node: fx.Node, x: fx.Node) -> None:
+        """``x[..., a:b, ...]`` along another dim than the channels' keeps them (a language model's
+        ``hidden[:, -k:]`` before its head)."""
+        shape, before = node.meta[SHAPE], x.meta[SHAPE]
+        if not isinstance(shape, torch.Size) or not isinstance(before, torch.Size) or len(shape) != len(before) \
+                or len(shape) < 2 or self.dim[x] >= len(shape):
+            self.opaque(node, "a slice fxoto does not read")
+            return
+        dim = node.args[1] % len(before) if len(node.args) > 1 else 0
+        if dim == self.dim[x]:
+            self.opaque(node, "a slice along their dim")
+            return
+        self.join(node, x)
+
     def norm(self, node: fx.Node, x: fx.Node, m: nn.Module) -> None:
         what = _what(node, self.root)
         if isinstance(m, nn.LayerNorm):
@@ -528,7 +574,7 @@ def _reads_other_dims(size: fx.Node, dim: int | None, ndim: int) -> bool:
     else:
         return False
     return all(u.op == "call_function" and getattr(u.target, "__name__", "") == "getitem" and fine(u.args[1])
-               for u in size.users)
+               for u in size.users if u.users or u.meta.get(LIVE))  # ``b, s, _ = x.shape``: the unused ``_``
 
 
 _NONE = np.iinfo(np.int64).max  # no such index, in the arrays per class
@@ -713,10 +759,11 @@ def _fates(walk: _Walk, base: dict[int, int], roots: np.ndarray, stems: list[tup
 
 def _per_row(node: fx.Node, root: nn.Module) -> list[tuple[str, int, int]]:
     """(parameter name, dim, elements per channel) of the node's variables (a transposed
-    convolution's weight holds its output channels along dim 1)."""
-    transposed = node.op == "call_module" and isinstance(submodule(root, node.target), nn.modules.conv._ConvTransposeNd)
+    convolution's weight and an embedding's hold their output channels along dim 1)."""
+    module = submodule(root, node.target) if node.op == "call_module" else None
+    columns = isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Embedding))
     return [(name, d, p.numel() // p.shape[d]) for name, p in own_parameters(node, root)
-            for d in [1 if transposed and p.dim() > 1 else 0]]
+            for d in [1 if columns and p.dim() > 1 else 0]]
 
 
 def _expand(classes: _Classes) -> tuple[list[GeZIG], dict[int, ChannelSlice]]:

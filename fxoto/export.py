@@ -98,6 +98,9 @@ ATEN: dict[Any, tuple[str, Any, Callable | None]] = {
     aten.split_with_sizes.default: _function(torch.split),
     aten.chunk.default: _function(torch.chunk),
     aten.sym_size.int: _method("size"),
+    aten.pow.Tensor_Scalar: _function(torch.pow),
+    aten.rsqrt.default: _function(torch.rsqrt),
+    aten.to.dtype: _method("to"),
 }
 
 # Nodes that only check what the capture assumed (shapes, dtypes); the graph computes the same without them.

@@ -37,6 +37,7 @@ from torch import nn
 from torchvision.models.swin_transformer import shifted_window_attention
 from torchvision.ops import stochastic_depth
 
+from fxoto.patterns import rms_norm
 from fxoto.shapes import submodule
 
 
@@ -247,6 +248,9 @@ _DEFAULT_MODULES: dict[type, Rule] = {
     nn.Softmax: UNKNOWN,
     # out_proj(attention): zero when all its variables are.
     nn.MultiheadAttention: _attention,
+    # A lookup: no operation group starts at it (its input is no activation); fxoto.channels
+    # reads its weight's columns as the output channels of a stem.
+    nn.Embedding: UNKNOWN,
 }
 
 _ELEMENTWISE_FUNCTIONS = (
@@ -290,13 +294,16 @@ _DEFAULT_FUNCTIONS: dict[Callable, Rule] = {
     torch.transpose: RESHAPE,
     torch.reshape: _view,
     torch.mean: REDUCE,
+    # RMSNorm folded into one call (fxoto.patterns): zero stays zero; its channels are
+    # followed by fxoto.channels (weight entries per channel, the denominator kept).
+    rms_norm: OpRule(Role.ACCESSORY, Zero.PRESERVES, Channel.OPAQUE),
     torch.cat: CAT,
     torch.concat: CAT,
     torch.concatenate: CAT,
 }
 
 _DEFAULT_METHODS: dict[str, Rule] = {
-    **{name: ELEMENTWISE for name in ("relu", "relu_", "contiguous", "clone", "tanh", "neg")},
+    **{name: ELEMENTWISE for name in ("relu", "relu_", "contiguous", "clone", "tanh", "neg", "to")},
     "flatten": FLATTEN,
     "view": _view,
     "reshape": _view,

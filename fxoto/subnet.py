@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxoto.errors import InvalidRemovalError
+from fxoto.patterns import rms_norm
 from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
 from fxoto.shapes import SHAPE
@@ -72,6 +73,11 @@ def _slice_stem(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     """Drop a stem's output channels: its weight rows and bias entries (a grouped
     convolution loses whole groups, its input channels with them)."""
     module = gm.get_submodule(node.target)
+    if isinstance(module, nn.Embedding):  # weight [rows, channels]
+        keep = _keep(module.embedding_dim, drop, module.weight.device)
+        _slice_param(module, "weight", 1, keep)
+        module.embedding_dim = len(keep)
+        return
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight [in, out, ...]
     keep = _keep(module.weight.shape[1 if transposed else 0], drop, module.weight.device)
     _slice_param(module, "weight", 1 if transposed else 0, keep)
@@ -423,6 +429,22 @@ def _slice_per_channel(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> Non
     module.num_features = len(keep)
 
 
+def _slice_rms_norm(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
+    """An RMSNorm over channels of which ``drop`` are zero: with N' of its N channels left, weight times
+    sqrt(N/N') and eps times N/N' give each kept channel exactly what it was (DESIGN 6b)."""
+    x, weight_node, eps, dtype = node.args
+    owner_path, _, attr = weight_node.target.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    weight = getattr(owner, attr)
+    n = weight.shape[0]
+    keep = _keep(n, drop, weight.device)
+    ratio = n / len(keep)
+    with torch.no_grad():
+        kept = weight.index_select(0, keep) * (ratio ** 0.5)
+    setattr(owner, attr, nn.Parameter(kept, weight.requires_grad))
+    node.args = (x, weight_node, eps * ratio, dtype)
+
+
 def _rewire_joint(graph: fx.Graph, node: fx.Node, erased: set[str]) -> list[fx.Node]:
     """Drop erased operands of a joint; a joint left with one input becomes that input.
 
@@ -526,8 +548,12 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _slice_consumers(sub, consume, erased)
     _slice_factors(sub, factors, erased)
     nodes = {n.name: n for n in sub.graph.nodes}
-    for name, drop in _per_module(sub, per_channel, erased).items():
+    norms = {name: drop for name, drop in per_channel.items() if nodes[name].target is rms_norm}
+    for name, drop in _per_module(sub, {k: v for k, v in per_channel.items() if k not in norms}, erased).items():
         _slice_per_channel(sub, nodes[name], drop)
+    for name, drop in norms.items():
+        if name not in erased:
+            _slice_rms_norm(sub, nodes[name], drop)
     _rewrite_moves(sub, space.gm, moves, erased)
     _rewrite_head_sizes(sub, space, ids, erased)
     readers: list[fx.Node] = []

@@ -111,14 +111,15 @@ def transformers_nets(draw):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    return net, draw(st.sampled_from(["fx", "export"])), draw(st.integers(0, 1000)), rms
+    return net, draw(st.sampled_from(["fx", "export"])), draw(st.integers(0, 1000)), rms, \
+        draw(st.sampled_from(["channels", "both"]))
 
 
 def _stream_params(net: Net) -> set[str]:
     """The parameters that write or normalise the residual stream."""
     names = {"inp.weight", "inp.bias"}
     for i, block in enumerate(net.blocks):
-        writers = ["o", "norm1", "norm2"] + (["down"] if block.gated else ["fc2"])
+        writers = ["o", "norm1", "norm2"] + (["down"] if block.gated else ["fc2"])  # norms: their entries
         names.update(f"blocks.{i}.{w}.{p}" for w in writers for p in ("weight", "bias"))
     return names
 
@@ -126,19 +127,23 @@ def _stream_params(net: Net) -> set[str]:
 @settings(max_examples=int(os.environ.get("FXOTO_BLOCK_EXAMPLES", "8")))
 @given(transformers_nets())
 def test_random_transformer_blocks_are_exact_under_both_front_ends(drawn):
-    net, tracer, seed, rms = drawn
+    net, tracer, seed, rms, structures = drawn
     x = torch.randn(2, 5, 6)
     other = torch.randn(3, 4, 6)
-    space = fxoto.search(net, 1, (x,), tracer=tracer, structures="both").space
+    space = fxoto.search(net, 1, (x,), tracer=tracer, structures=structures).space
     kinds = {g.kind for g in space.groups}
     assert "head" in kinds and "channel" in kinds
     assert len(space.attentions) == len(net.blocks)
     stream = _stream_params(net)
-    for g in space.groups:
-        if g.kind != "operation":
-            assert not any(m.param in stream and m.dim == 0 for m in g.members), (g, "straddles the stream")
+    on_stream = [g for g in space.groups if g.kind == "channel"
+                 and any(m.param in stream and m.dim == 0 for m in g.members)]
+    event(f"RMSNorm stream, {structures}: {len(on_stream)} stream groups" if rms else "LayerNorm stream")
+    if not rms:
+        assert not on_stream, "a group straddles a LayerNorm stream"
+    elif structures == "channels":
+        assert len(on_stream) == net.inp.out_features  # every channel of the stream: all its norms are RMSNorms
     supernet = copy.deepcopy(net)
-    s = fxoto.search(supernet, 1, (x,), tracer=tracer, structures="both").space
+    s = fxoto.search(supernet, 1, (x,), tracer=tracer, structures=structures).space
     ids = s.sample_removal(0.4, seed=seed)
     heads = [g.id for g in s.groups if g.kind == "head"]
     ids = sorted(set(ids) | set(heads[:1]))

@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 import fxoto
+import fxoto.patterns
 from fxoto.errors import UntraceableModelError
 
 transformers = pytest.importorskip("transformers")  # in the test extra; no skip where it is installed
@@ -172,6 +173,41 @@ def test_llama_gqa_query_heads_removed_inside_their_key_value_group(removed):
         torch.testing.assert_close(sub(inp).last_hidden_state, model(inp).last_hidden_state, rtol=1e-4, atol=1e-5)
 
 
+def test_llama_rmsnorm_stream_channels_are_removed_exactly():
+    """A causal LM's residual stream (embedding columns, output projections' rows, RMSNorm weights): a stream
+    channel zero in every writer goes, and the RMSNorms keep their denominator (weight x sqrt(N/N'), eps x N/N')."""
+    torch.manual_seed(0)
+    model = _llama(LlamaForCausalLM)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    x = _ids(2, 7)
+    space = fxoto.search(model, 1, (x,), structures="channels").space
+    stream = [g for g in space.groups if g.kind == "channel"
+              and any(m.param == "model.embed_tokens.weight" for m in g.members)]
+    assert len(stream) == 32
+    one = {m.param for m in stream[0].members}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.self_attn.o_proj.weight", "model.layers.0.input_layernorm.weight"} <= one
+    eps = model.model.norm.variance_epsilon
+    ids = [g.id for g in stream[:12]]
+    space.zero_(ids)
+    sub = space.construct_subnet()
+    assert sub.get_submodule("model.embed_tokens").embedding_dim == 20
+    assert sub.get_submodule("lm_head").in_features == 20
+    norm = next(n for n in sub.graph.nodes if n.target is fxoto.patterns.rms_norm and "model_norm" in n.args[1].name)
+    assert norm.args[2] == pytest.approx(eps * 32 / 20)
+    for inp in (x, _ids(3, 5, 1)):
+        torch.testing.assert_close(sub(inp).logits, model(inp).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_output_is_the_stream_keeps_it():
+    space = fxoto.search(_llama(), 1, (_ids(2, 7),), structures="channels").space
+    assert not any(m.param == "embed_tokens.weight" for g in space.groups for m in g.members)
+    assert any("graph output" in e.reason for e in space.excluded)
+
+
 def test_removing_every_head_of_an_attention_is_refused():
     model = _bert()
     space = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
@@ -265,7 +301,9 @@ def test_h2spg_delivers_heads_and_neurons_on_a_tiny_llama():
     kinds = {}
     for i in zero:
         kinds[s.space.groups[i].kind] = kinds.get(s.space.groups[i].kind, 0) + 1
-    assert kinds == {"head": 2, "channel": 24}
+    # 96 MLP neurons and 32 residual-stream channels (every norm on the stream is an RMSNorm): a quarter is 32
+    assert sum(g.kind == "channel" for g in s.space.groups) == 128
+    assert kinds == {"head": 2, "channel": 32} == s.K_per_kind
     sub = s.subnet()
     torch.testing.assert_close(sub(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
