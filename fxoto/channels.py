@@ -71,7 +71,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxoto.patterns import rms_norm
-from fxoto.roles import FACTORS, Channel, Joint, Role, Zero
+from fxoto.roles import FACTORS, Channel, Joint, Role, Zero, is_transposed_linear
 from fxoto.segments import (LIVE, RULE, SEGMENT, _factor_channel, _flatten_block, _reduce_dims, data_inputs, is_data,
                             is_joint, own_parameters, users)
 from fxoto.shapes import SHAPE, submodule
@@ -152,7 +152,7 @@ def _stem_problem(node: fx.Node, root: nn.Module) -> str | None:
     if node.op != "call_module":
         return "a functional stem: only Conv and Linear modules are slimmed"
     m = submodule(root, node.target)
-    if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+    if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not is_transposed_linear(m):
         return f"a stem of type {type(m).__name__}: only Conv and Linear modules are slimmed"
     return None
 
@@ -406,7 +406,8 @@ class _Walk:
             self.hold(node, True)
             return
         grouped = conv and module.groups > 1 and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-        reads = (1 if conv else -1) if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) else None
+        linear = isinstance(module, nn.Linear) or module is not None and is_transposed_linear(module)
+        reads = (1 if conv else -1) if conv or linear else None
         if x is None or reads is None or (conv and module.groups > 1 and not grouped):
             self.opaque(node, "a stem whose input channels fxoto does not slice (only Conv and Linear modules, "
                               "called on one tensor)")
@@ -761,7 +762,8 @@ def _per_row(node: fx.Node, root: nn.Module) -> list[tuple[str, int, int]]:
     """(parameter name, dim, elements per channel) of the node's variables (a transposed
     convolution's weight and an embedding's hold their output channels along dim 1)."""
     module = submodule(root, node.target) if node.op == "call_module" else None
-    columns = isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Embedding))
+    columns = isinstance(module, (nn.modules.conv._ConvTransposeNd, nn.Embedding)) or (
+        module is not None and is_transposed_linear(module))
     return [(name, d, p.numel() // p.shape[d]) for name, p in own_parameters(node, root)
             for d in [1 if columns and p.dim() > 1 else 0]]
 

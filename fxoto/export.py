@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fxoto.roles import DEFAULT_TABLE, OpTable
+from fxoto.roles import DEFAULT_TABLE, OpTable, is_transposed_linear
 from fxoto.shapes import CONSTANT, fetch_attr, propagate_shapes, submodule
 
 aten = torch.ops.aten
@@ -210,7 +210,7 @@ def _folds(module: nn.Module, table: OpTable) -> bool:
     """Whether a module's calls become one ``call_module`` node: a leaf the op table has a rule for."""
     if next(iter(module.children()), None) is not None:
         return False
-    return any(t in table.modules for t in type(module).__mro__)
+    return any(t in table.modules for t in type(module).__mro__) or is_transposed_linear(module)
 
 
 def _fold_modules(graph: fx.Graph, model: nn.Module, table: OpTable) -> None:

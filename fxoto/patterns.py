@@ -1,5 +1,8 @@
 """Patterns of several nodes folded into one call before the passes read the graph.
 
+``rms_norm`` and ``gelu_tanh`` compute exactly what the nodes they replace computed, in the
+same order, so the graph's values do not change by a bit.
+
 RMSNorm is written out in most models (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``,
 user code): ``x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps)``, cast back, times a weight.
 No single node of it is a normalisation, so the op table could only call each of them
@@ -28,7 +31,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dty
     return weight * h
 
 
-torch.fx.wrap("rms_norm")  # a re-traced sub-network keeps it as one call
+def gelu_tanh(x: torch.Tensor, scale: float, cubic: float) -> torch.Tensor:
+    """GELU's tanh approximation as GPT-2's ``NewGELUActivation`` writes it, in the same order:
+    ``x * 0.5 * (1 + tanh(scale * (x + cubic * x ** 3)))``.  Zero stays zero."""
+    return (x * 0.5) * (torch.tanh((x + torch.pow(x, 3.0) * cubic) * scale) + 1.0)
+
+
+torch.fx.wrap("rms_norm")  # a re-traced sub-network keeps them as one call
+torch.fx.wrap("gelu_tanh")
 
 _ADDS = (operator.add, torch.add)
 _MULS = (operator.mul, torch.mul)
@@ -95,6 +105,61 @@ def _match(r: fx.Node, root) -> tuple[fx.Node, fx.Node, float, object, list[fx.N
     if not isinstance(weight, torch.nn.Parameter) or tuple(weight.shape) != (shape[-1],):
         return None
     return x, w, eps, dtype, chain, out
+
+
+def _match_gelu(t: fx.Node) -> tuple[fx.Node, float, float, list[fx.Node], fx.Node] | None:
+    """From ``tanh``: (x, scale, cubic, nodes to erase, output node) of ``gelu_tanh``'s pattern, or None."""
+    def single(node):
+        return isinstance(node, fx.Node) and len(node.users) == 1
+
+    u = t.args[0]
+    if not (single(u) and _is(u, _MULS, "mul") and isinstance(u.args[1], float)):
+        return None
+    v = u.args[0]
+    if not (single(v) and _is(v, _ADDS, "add") and isinstance(v.args[1], fx.Node)):
+        return None
+    x, w = v.args[:2]
+    if not (single(w) and _is(w, _MULS, "mul") and isinstance(w.args[1], float)):
+        return None
+    p = w.args[0]
+    if not (single(p) and _is(p, (torch.pow, operator.pow), "pow") and p.args[0] is x and p.args[1] == 3.0):
+        return None
+    a = _single_user(t)
+    if not (a is not None and single(a) and _is(a, _ADDS, "add") and a.args[0] is t and a.args[1] == 1.0):
+        return None
+    out = _single_user(a)
+    if not (out is not None and _is(out, _MULS, "mul") and out.args[1] is a):
+        return None
+    h = out.args[0]
+    if not (single(h) and _is(h, _MULS, "mul") and h.args[0] is x and h.args[1] == 0.5):
+        return None
+    return x, u.args[1], w.args[1], [h, p, w, v, u, t, a], out
+
+
+def fold_gelus(graph: fx.Graph) -> int:
+    """Each tanh-approximated GELU written out (GPT-2's) as one ``gelu_tanh`` call; how many."""
+    folded = 0
+    for t in list(graph.nodes):
+        if t.graph is not graph or not _is(t, (torch.tanh,), "tanh"):
+            continue
+        found = _match_gelu(t)
+        if found is None:
+            continue
+        x, scale, cubic, chain, out = found
+        with graph.inserting_before(out):
+            call = graph.call_function(gelu_tanh, (x, scale, cubic))
+        call.meta = {k: v for k, v in out.meta.items() if k in (SHAPE, "nn_module_stack")}
+        out.replace_all_uses_with(call)
+        for node in reversed([*chain, out]):
+            graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def fold_patterns(graph: fx.Graph, root) -> None:
+    """Every pattern of this module folded into its one call."""
+    fold_rms_norms(graph, root)
+    fold_gelus(graph)
 
 
 def fold_rms_norms(graph: fx.Graph, root) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 from torchvision.models.swin_transformer import shifted_window_attention
 from torchvision.ops import stochastic_depth
 
-from fxoto.patterns import rms_norm
+from fxoto.patterns import gelu_tanh, rms_norm
 from fxoto.shapes import submodule
 
 
@@ -93,6 +93,14 @@ REDUCE = OpRule(Role.ACCESSORY, Zero.PRESERVES, Channel.REDUCE)
 ADD = OpRule(Role.JOINT, Zero.PRESERVES, Channel.OPAQUE, joint=Joint.ADD)
 CAT = OpRule(Role.JOINT, Zero.PRESERVES, Channel.OPAQUE, joint=Joint.CAT)
 LINEAR = OpRule(Role.STEM, Zero.OWN_VARIABLES, Channel.CONSUME, reads=-1, weight_in_dim=1)
+# A linear layer that keeps its weight as [in, out] (GPT-2's ``Conv1D``): output rows along dim 1.
+LINEAR_T = OpRule(Role.STEM, Zero.OWN_VARIABLES, Channel.CONSUME, reads=-1, weight_in_dim=0)
+
+
+def is_transposed_linear(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``x @ weight + bias``, weight [in, out]), known by its qualified
+    name so that fxoto need not import ``transformers``."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__ == "transformers.pytorch_utils"
 
 
 # By (transposed, grouped): the weight's input dim, and whether channels can be followed.
@@ -297,6 +305,7 @@ _DEFAULT_FUNCTIONS: dict[Callable, Rule] = {
     # RMSNorm folded into one call (fxoto.patterns): zero stays zero; its channels are
     # followed by fxoto.channels (weight entries per channel, the denominator kept).
     rms_norm: OpRule(Role.ACCESSORY, Zero.PRESERVES, Channel.OPAQUE),
+    gelu_tanh: ELEMENTWISE,
     torch.cat: CAT,
     torch.concat: CAT,
     torch.concatenate: CAT,
@@ -347,6 +356,8 @@ class OpTable:
             found = self.modules.get(type(module))  # the class itself, else the nearest base
             if found is None:
                 found = next((self.modules[t] for t in type(module).__mro__ if t in self.modules), None)
+            if found is None and is_transposed_linear(module):
+                found = LINEAR_T
         elif node.op == "call_function":
             found = self.functions.get(node.target)
         elif node.op == "call_method":

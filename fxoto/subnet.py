@@ -38,7 +38,7 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError
 from fxoto.patterns import rms_norm
-from fxoto.roles import Joint
+from fxoto.roles import Joint, is_transposed_linear
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
 from fxoto.shapes import SHAPE
 
@@ -77,6 +77,12 @@ def _slice_stem(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
         keep = _keep(module.embedding_dim, drop, module.weight.device)
         _slice_param(module, "weight", 1, keep)
         module.embedding_dim = len(keep)
+        return
+    if is_transposed_linear(module):  # weight [in, out]
+        keep = _keep(module.nf, drop, module.weight.device)
+        _slice_param(module, "weight", 1, keep)
+        _slice_param(module, "bias", 0, keep)
+        module.nf = len(keep)
         return
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)  # weight [in, out, ...]
     keep = _keep(module.weight.shape[1 if transposed else 0], drop, module.weight.device)
@@ -296,7 +302,9 @@ def _slice_in_place(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     keep = _keep(weight.shape[dim], drop, weight.device)
     _slice_param(owner, attr, dim, keep)
     if node.op == "call_module":
-        if isinstance(owner, nn.Linear):
+        if is_transposed_linear(owner):
+            owner.nx = len(keep)
+        elif isinstance(owner, nn.Linear):
             owner.in_features = len(keep)
         else:
             owner.in_channels = len(keep)

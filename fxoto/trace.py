@@ -31,7 +31,7 @@ from torch.fx import _symbolic_trace as _fx
 from torch.fx import traceback as fx_traceback
 
 from fxoto.errors import DeviceError, ExampleInputError, UntraceableModelError
-from fxoto.patterns import fold_rms_norms
+from fxoto.patterns import fold_patterns
 from fxoto.shapes import CONSTANT, SHAPE, propagate_shapes
 
 __all__ = ["SHAPE", "Tracer", "check_device", "graph_module", "propagate_shapes", "symbolic_trace", "trace"]
@@ -375,10 +375,10 @@ def trace(
             fx_error = exc
         else:
             propagate_shapes(graph, model, example_inputs)
-            fold_rms_norms(graph, model)
+            fold_patterns(graph, model)
             return graph
     graph = _export(model, example_inputs, example_kwargs, op_table, fx_error)
-    fold_rms_norms(graph, model)
+    fold_patterns(graph, model)
     return graph
 
 
