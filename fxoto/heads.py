@@ -35,8 +35,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxoto.channels import ChannelLayer, ChannelSlice
-from fxoto.segments import LIVE, data_inputs, own_parameters
+from fxoto.channels import ChannelLayer, ChannelSlice, _per_row
+from fxoto.roles import is_transposed_linear
+from fxoto.segments import LIVE, own_parameters
 from fxoto.shapes import SHAPE, submodule
 from fxoto.groups import Exclusion, GeZIG, Member
 
@@ -84,6 +85,9 @@ class Attention:
     kv_of_query: tuple[int, ...]  # per query head: the key/value head it reads
     sizes: tuple[HeadSize, ...]
     repeats: tuple[str, ...] = ()  # grouped-query attention: the reshapes that repeat k's and v's heads
+    rows: tuple[tuple[str, str, int], ...] = ()  # per projection (q, k, v): (stem node, its first row)
+    split: str | None = None  # a fused projection: the split into q, k and v, rewritten with the widths kept
+    kv_dim: int = 0  # rows per key/value head
 
     def closure(self, removed: set[Head]) -> set[Head]:
         """The heads of this attention that go with ``removed``: the query heads of a removed key/value
@@ -103,6 +107,23 @@ class Attention:
 
 class _Unfollowed(Exception):
     pass
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_transposed_linear(m)
+
+
+def _pieces(split: fx.Node) -> list[int] | None:
+    """The sizes of a ``torch.split`` along the last dim, or None."""
+    x = split.args[0]
+    shape = x.meta.get(SHAPE) if isinstance(x, fx.Node) else None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not isinstance(shape, torch.Size) or dim % len(shape) != len(shape) - 1:
+        return None
+    sizes = split.args[1]
+    if isinstance(sizes, int):
+        return [min(sizes, shape[-1] - at) for at in range(0, shape[-1], sizes)]
+    return list(sizes) if all(isinstance(n, int) for n in sizes) else None
 
 
 class HeadGroups:
@@ -135,6 +156,8 @@ class _Follow:
         self.attentions: list[tuple[fx.Node, _Track, _Track, _Track]] = []
         self.readers: dict[fx.Node, tuple[fx.Node, _Track]] = {}  # output projection: (its input, track)
         self.repeats: dict[fx.Node, str] = {}  # grouped-query attention's reshape: the projection it repeats
+        self.rows: dict[str, tuple[str, int, int]] = {}  # projection: (stem node, first row, rows)
+        self.splits: dict[str, str] = {}  # a fused projection's piece: the split node that makes it
         for node in graph.nodes:
             if not node.meta.get(LIVE) or node.op in ("placeholder", "get_attr"):
                 continue
@@ -161,21 +184,37 @@ class _Follow:
                 self.failed.setdefault(p, why)
 
     def seed(self, node: fx.Node) -> None:
-        """A view of a linear layer's output as [..., H, d]: H heads of that layer."""
+        """A view of a linear layer's output (or of one piece of it, split along the features: a fused
+        qkv projection) as [..., H, d]: H heads of that layer (piece)."""
         if node.op != "call_method" or node.target not in ("view", "reshape"):
             return
         x = node.args[0]
-        if not (isinstance(x, fx.Node) and x.op == "call_module"
-                and isinstance(submodule(self.root, x.target), nn.Linear)):
+        if not isinstance(x, fx.Node):
+            return
+        key, stem, offset = x.name, x, 0
+        split = x.args[0] if x.op == "call_function" and x.target is operator.getitem else None
+        if isinstance(split, fx.Node) and split.target is torch.split and isinstance(x.args[1], int):
+            stem = split.args[0]
+            pieces = _pieces(split)
+            if pieces is None:
+                return
+            key, offset = f"{stem.name}.{x.args[1]}", sum(pieces[:x.args[1]])
+        if not (isinstance(stem, fx.Node) and stem.op == "call_module" and _is_linear(submodule(self.root, stem.target))):
             return
         shape, before = node.meta.get(SHAPE), x.meta.get(SHAPE)
         if not (isinstance(shape, torch.Size) and isinstance(before, torch.Size) and len(shape) == len(before) + 1
                 and shape[:-2] == before[:-1] and shape[-2] * shape[-1] == before[-1]):
             return
-        if len([u for u in x.users if u.meta.get(LIVE)]) != 1:
-            self.failed.setdefault(x.name, "its output is read by more than its view into heads")
+        for n in ({x, stem} if stem is x else {x}):
+            if len([u for u in n.users if u.meta.get(LIVE)]) != 1:
+                self.failed.setdefault(key, "its output is read by more than its view into heads")
+        if stem is not x and len([u for u in stem.users if u.meta.get(LIVE)]) != 1:
+            self.failed.setdefault(key, "its output is read by more than the split into q, k and v")
+        self.rows[key] = (stem.name, offset, before[-1])
+        if stem is not x:
+            self.splits[key] = split.name
         axis = len(shape) - 2
-        self.track[node] = _Track(axis, tuple((x.name, i) for i in range(shape[-2])))
+        self.track[node] = _Track(axis, tuple((key, i) for i in range(shape[-2])))
         self.size_at(node, axis, self.track[node])
 
     def size_at(self, node: fx.Node, axis: int, track: _Track) -> None:
@@ -198,7 +237,7 @@ class _Follow:
         target = node.target
         if node.op == "call_module":
             module = submodule(self.root, node.target)
-            if isinstance(module, nn.Linear) and t.block > 1 and t.axis == len(x.meta[SHAPE]) - 1 and len(ins) == 1:
+            if _is_linear(module) and t.block > 1 and t.axis == len(x.meta[SHAPE]) - 1 and len(ins) == 1:
                 self.readers[node] = (x, t)
                 return
             if isinstance(module, nn.Dropout):
@@ -352,11 +391,18 @@ def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set
             continue
         q, k, v = tq.heads[0][0], tk.heads[0][0], tv.heads[0][0]
         kv_of = tuple(j for _, j in tk.heads)
-        d = nodes[q].meta[SHAPE][-1] // len(tq.heads)
-        dkv = nodes[k].meta[SHAPE][-1] // (max(kv_of) + 1)
+        d = follow.rows[q][2] // len(tq.heads)
+        dkv = follow.rows[k][2] // (max(kv_of) + 1)
         sizes = tuple(s for p in (q, k, v) for s in follow.sizes[p])
         repeats = tuple(n.name for n, p in follow.repeats.items() if p in (k, v))
-        attentions.append(Attention(node.name, q, k, v, reader.name, d, kv_of, sizes, repeats))
+        split = follow.splits.get(q)
+        if split is not None and not (follow.splits.get(k) == follow.splits.get(v) == split
+                                      and len(_pieces(nodes[split])) == 3):
+            excluded.append(Exclusion((node.name,), "heads: q, k and v are split from a layer in another way"))
+            continue
+        rows_of = {p: follow.rows[p][:2] for p in (q, k, v)}
+        attentions.append(Attention(node.name, q, k, v, reader.name, d, kv_of, sizes, repeats,
+                                    tuple((p, *rows_of[p]) for p in (q, k, v)), split, dkv))
         out_members = reader.name not in taken and not any(
             p in channel_params for p, _ in own_parameters(reader, root))
         # Grouped-query attention with the output projection's columns at hand: a key/value head's
@@ -372,30 +418,37 @@ def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set
         for unit in units:
             members: list[Member] = []
             rows: list[tuple[str, int]] = []
-            queries = [i for stem, i in unit if stem == q]
-            for stem, h in unit:
-                lo, n = h * width[stem], width[stem]
+            queries = [i for key, i in unit if key == q]
+            for key, h in unit:
+                stem, first = rows_of[key]
+                lo, n = first + h * width[key], width[key]
                 rows += [(stem, r) for r in range(lo, lo + n)]
-                members += [Member(p, 0, lo, lo + n) for p, _ in own_parameters(nodes[stem], root)]
+                members += [Member(p, dim, lo, lo + n) for p, dim, _ in _per_row(nodes[stem], root)]
             columns = tuple((reader.name, i * d, d) for i in queries)
             if out_members:
-                members += [Member(p, 1, i * d, (i + 1) * d) for p, t in own_parameters(reader, root)
-                            if t.dim() == 2 for i in queries]
+                members += [Member(p, dim, i * d, (i + 1) * d) for p, dim in _column_dims(reader, root)
+                            for i in queries]
             gid = first_id + len(groups)
             numel = sum((m.stop - m.start) * _per_index(root, m) for m in members)
-            groups.append(GeZIG(gid, -1, (node.name, *dict.fromkeys(stem for stem, _ in unit), reader.name),
-                                tuple(members), numel, kind="head"))
+            stems = dict.fromkeys(rows_of[key][0] for key, _ in unit)
+            groups.append(GeZIG(gid, -1, (node.name, *stems, reader.name), tuple(members), numel, kind="head"))
             slices[gid] = ChannelSlice(tuple(rows), (), columns)
             heads_of[gid] = frozenset(unit)
-        for stem in (q, k, v):
+        for stem in dict.fromkeys(rows_of[key][0] for key in (q, k, v)):
             layers[stem] = ChannelLayer(stem, nodes[stem].meta[SHAPE][-1])
             params.update(p for p, _ in own_parameters(nodes[stem], root))
         if out_members:
-            params.update(p for p, t in own_parameters(reader, root) if t.dim() == 2)
+            params.update(p for p, _ in _column_dims(reader, root))
     for p, why in follow.failed.items():
         if not any(p in (a.q, a.k, a.v) for a in attentions):
             excluded.append(Exclusion((p,), f"heads: {why}"))
     return HeadGroups(groups, slices, heads_of, attentions, layers, excluded, params)
+
+
+def _column_dims(reader: fx.Node, root: nn.Module) -> list[tuple[str, int]]:
+    """(weight, the dim of its input columns) of the output projection."""
+    dim = 0 if is_transposed_linear(submodule(root, reader.target)) else 1
+    return [(p, dim) for p, t in own_parameters(reader, root) if t.dim() == 2]
 
 
 def _per_index(root: nn.Module, m: Member) -> int:
@@ -410,7 +463,7 @@ def _problem(node, tq, tk, tv, reader, follow, nodes, taken, root) -> str | None
         return "q, k or v mixes the heads of several layers"
     q, k, v = (next(iter(p)) for p in projections)
     if len({q, k, v}) != 3:
-        return "q, k and v come from one layer (a fused projection)"
+        return "q, k and v are one and the same heads"
     for p in (q, k, v):
         if p in follow.failed:
             return f"'{p}': {follow.failed[p]}"

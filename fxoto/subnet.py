@@ -183,12 +183,14 @@ def _head_cuts(space, ids, drops: dict[str, set[int]], consume: dict[str, set[in
     for a in space.attentions:
         if a.node in erased:
             continue
-        d_kv = space.layers[a.k].channels // (max(a.kv_of_query) + 1)
-        for stem, h in removed:
-            width = a.head_dim if stem == a.q else d_kv
-            if stem in (a.q, a.k, a.v):
-                drops[stem].update(range(h * width, (h + 1) * width))
-            if stem == a.q:
+        rows = {key: (stem, first) for key, stem, first in a.rows}
+        for key, h in removed:
+            if key not in rows:
+                continue
+            stem, first = rows[key]
+            width = a.head_dim if key == a.q else a.kv_dim
+            drops[stem].update(range(first + h * width, first + (h + 1) * width))
+            if key == a.q:
                 consume[a.out].update(range(h * a.head_dim, (h + 1) * a.head_dim))
 
 
@@ -215,6 +217,15 @@ def _rewrite_head_sizes(gm: fx.GraphModule, space, ids, erased: set[str]) -> Non
                 args[size.position] = type(args[size.position])(
                     count if i == size.inner else n for i, n in enumerate(args[size.position]))
             node.args = tuple(args)
+        if attention.split is not None and attention.split in nodes:  # a fused projection's split into q, k, v
+            kept = {key: sum((key, h) not in removed for h in range(n))
+                    for key, n in ((attention.q, len(attention.kv_of_query)),
+                                   (attention.k, max(attention.kv_of_query) + 1),
+                                   (attention.v, max(attention.kv_of_query) + 1))}
+            split = nodes[attention.split]
+            widths = [kept[attention.q] * attention.head_dim, kept[attention.k] * attention.kv_dim,
+                      kept[attention.v] * attention.kv_dim]
+            split.args = (split.args[0], widths, *split.args[2:])
         repeated = [i for j in sorted(set(attention.kv_of_query)) if (attention.k, j) not in removed
                     for i, jj in enumerate(attention.kv_of_query) if jj == j]
         kept = [at for at, i in enumerate(repeated) if (attention.q, i) not in removed]
