@@ -133,6 +133,18 @@ def _check_head_counts(space, sub, ids, heads, kv_heads):
             assert getattr(module, "out_features", getattr(module, "nf", None)) == n
         gone_kv = sum((a.k, j) in removed for j in range(kv_heads))
         assert len(a.kept_queries(removed)) <= heads - gone_kv * (heads // kv_heads)
+    # every layer slimmed by channel groups (MLP neurons, a stream's writers) lost exactly their rows
+    heads_stems = {stem for a in space.attentions for _, stem, _ in a.rows}
+    lost: dict[str, int] = {}
+    for i in ids:
+        if space.groups[i].kind == "channel":
+            for stem, _ in space.slices[i].rows:
+                lost[stem] = lost.get(stem, 0) + 1
+    for stem, n in lost.items():
+        if stem in names and stem not in heads_stems:
+            module = sub.get_submodule(names[stem].target)
+            width = getattr(module, "out_features", getattr(module, "nf", getattr(module, "embedding_dim", None)))
+            assert width == space.layers[stem].channels - n, stem
 
 
 def _members(group):
