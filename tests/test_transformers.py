@@ -323,3 +323,20 @@ def test_h2spg_delivers_heads_and_neurons_on_a_tiny_llama():
     sub = s.subnet()
     torch.testing.assert_close(sub(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_hugging_face_resnet_goes_through_export_with_any_image_size():
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(0)
+    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(UntraceableModelError):
+        fxoto.search(model, 1, (x,), tracer="fx")
+    space = fxoto.search(model, 1, (x,), structures="both").space
+    assert {g.kind for g in space.groups} == {"operation", "channel"}
+    space.zero_(space.sample_removal(0.5, seed=0))
+    sub = space.construct_subnet()
+    for inp in (x, torch.randn(3, 3, 48, 40)):  # batch and image size captured as dynamic
+        torch.testing.assert_close(sub(inp).pooler_output, model(inp).pooler_output, rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
