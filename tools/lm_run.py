@@ -61,8 +61,8 @@ class Setting:
 
 FULL = Setting(hidden=192, layers=4, heads=6, kv_heads=2, neurons=512, steps=300, batch=16, seq=64, corpus_mb=8.0,
                val_batches=32, new_tokens=64)
-QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, neurons=64, steps=12, batch=4, seq=32, corpus_mb=0.5,
-                val_batches=2, new_tokens=8)
+QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, neurons=64, steps=8, batch=4, seq=32, corpus_mb=0.5,
+                val_batches=2, new_tokens=4)
 
 
 def corpus(megabytes: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,9 +194,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="training steps of each run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per model and batch size")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, help="torch threads (default: 2, and 1 with --quick: a tiny model)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (1 if args.quick else 2))
     s = QUICK if args.quick else FULL
     if args.steps:
         s = Setting(**{**s.__dict__, "steps": args.steps})
