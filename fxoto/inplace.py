@@ -111,7 +111,7 @@ def construct_in_place(space, ids=None, rtol: float = 1e-4, atol: float = 1e-5) 
 
 
 def _columns(space, ids, nodes) -> dict[str, set[int]]:
-    """Input columns to drop, by module: refused where the calls of one module drop different ones."""
+    """Input columns to drop, by one call of each module: refused where its calls drop different ones."""
     per_call: dict[str, set[int]] = defaultdict(set)
     for cut in filter(None, map(space.slices.get, ids)):
         for name, lo, n in cut.columns:
@@ -120,9 +120,11 @@ def _columns(space, ids, nodes) -> dict[str, set[int]]:
     for node in space.graph.nodes:
         if node.op == "call_module":
             calls[node.target].append(node.name)
-    by_module: dict[str, set[int]] = {}
+    by_module: dict[str, set[int]] = {}  # by one node calling each module: it is sliced once
     for name in per_call:
         target = nodes[name].target
+        if any(nodes[call].target == target for call in by_module):
+            continue
         drops = {frozenset(per_call.get(call, ())) for call in calls[target]}
         if len(drops) > 1:
             raise InPlaceError(
