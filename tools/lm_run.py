@@ -4,7 +4,7 @@ The corpus is on every machine without a download: the Python standard library's
 (``sysconfig.get_paths()["stdlib"]``, ``*.py``, sorted by path), read as bytes (tokens 0..255); every
 20th file is held out for validation.  A ``LlamaForCausalLM`` built from a config (4 layers, 192 wide,
 6 query heads sharing 2 key/value heads of 32, 512 MLP neurons, tied embeddings: 1.7 M parameters) is
-trained on 300 batches of 16 windows of 64 bytes
+trained on 100 batches of 16 windows of 64 bytes
 
 * with AdamW (the baseline), and
 * with H2SPG (AdamW variant), ``K = {"heads": 4, "channels": 0.5}`` with ``uniform=True``: half the
@@ -17,7 +17,7 @@ MACs (per 64-byte sequence) kept, and greedy generation speed (tokens per second
 sub-network against the super-network at batch 1 and batch 16, timed alternately, median of
 ``--repeats``.
 
-    PYTHONPATH=. .venv/bin/python tools/lm_run.py            # about 10 minutes on 2 cores
+    PYTHONPATH=. .venv/bin/python tools/lm_run.py            # 15 minutes on 2 cores shared with other jobs
     PYTHONPATH=. .venv/bin/python tools/lm_run.py --quick    # a tiny model and a few steps (the test suite)
 """
 
@@ -59,7 +59,7 @@ class Setting:
     lr: float = 2e-3
 
 
-FULL = Setting(hidden=192, layers=4, heads=6, kv_heads=2, neurons=512, steps=300, batch=16, seq=64, corpus_mb=8.0,
+FULL = Setting(hidden=192, layers=4, heads=6, kv_heads=2, neurons=512, steps=100, batch=16, seq=64, corpus_mb=8.0,
                val_batches=32, new_tokens=64)
 QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, neurons=64, steps=8, batch=4, seq=32, corpus_mb=0.5,
                 val_batches=2, new_tokens=4)
