@@ -45,3 +45,8 @@ class UnknownGroupError(FxotoError, IndexError):
 
 class DeviceError(FxotoError):
     """The model's tensors are spread over several devices, or some are on ``meta``."""
+
+
+class InPlaceError(FxotoError):
+    """The sub-network cannot be built in the model's own modules (``construct_subnet(in_place=True)``);
+    the model is left as it was."""

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fxoto.errors import KTooLargeError
 from fxoto.space import SearchSpace, select_per_kind
+from fxoto.uniform import select_uniform
 
 __all__ = [
     "GroupStats", "ScoreFn", "dhspg_lambda", "half_space_project", "hybrid_group_step", "hybrid_lambda",
@@ -113,18 +114,23 @@ def reference_score(stats: GroupStats) -> Tensor:
 reference_score.on = "direction"
 
 
-def select_redundant(space: SearchSpace, scores: Tensor, K: int, per_kind: dict[str, int] | None = None) -> list[int]:
+def select_redundant(space: SearchSpace, scores: Tensor, K: int, per_kind: dict[str, int] | None = None,
+                     uniform: bool = False) -> list[int]:
     """Algorithm 3, line 8 (paper, Figure 2): the redundant group candidates G_r.
 
     The K GeZIGs most redundant by ``scores`` (ties by id) that form a valid removal
     (``SearchSpace.select_removal``): whenever ``target_k`` accepted K, K are found.
     With ``per_kind`` (K given per kind, ``{"operation": 3, "channel": 120}``), that many
-    of each kind, each kind ranked by its own scores (``select_per_kind``).
+    of each kind, each kind ranked by its own scores (``select_per_kind``); with ``uniform``,
+    as many in every block of a kind (``fxoto.uniform.select_uniform``).
     Returns their ids in the order they were accepted.
     """
     values = scores.tolist()
     order = sorted(range(len(space.groups)), key=lambda g: (-values[g], g))
-    chosen = space.select_removal(order, K) if per_kind is None else select_per_kind(space, order, per_kind)
+    if uniform:
+        chosen = select_uniform(space, order, per_kind)
+    else:
+        chosen = space.select_removal(order, K) if per_kind is None else select_per_kind(space, order, per_kind)
     if len(chosen) < K:
         raise KTooLargeError(
             f"H2SPG needs K={K} redundant GeZIGs but only {len(chosen)} ({chosen[:8]}) of the {len(order)} GeZIGs "

@@ -72,6 +72,7 @@ from fxoto.h2spg_steps import (Work, _multi_tensor_directions, _multi_tensor_pas
                                _scaled_steps, _single_tensor_pass, _single_tensor_plain_steps, first_non_finite)
 from fxoto.plan import Part, Plan, make_plan
 from fxoto.space import SearchSpace, kind_counts, target_k
+from fxoto.uniform import check_uniform
 
 __all__ = [
     "H2SPG", "GroupStats", "ScoreFn", "dhspg_lambda", "half_space_project", "hybrid_lambda", "lambda_floor",
@@ -174,6 +175,9 @@ class H2SPG(Optimizer):
         score_fn: redundancy score (``ScoreFn``); default ``redundancy_score``, the OTO
             code's form is ``reference_score``.
         foreach: multi-tensor arithmetic; default True on CUDA, False on the CPU.
+        uniform: select the same number of groups in every block of each kind (every
+            attention's heads, every MLP's neurons; ``fxoto.uniform``), so that one config
+            describes the sub-network; K must then be given per kind.
 
     ``redundant`` (the selected GeZIG ids, empty during warm-up), ``scores``, ``phase``,
     ``forced`` (ids zeroed by the final projection), ``zeroed_at`` (the step at which each
@@ -205,6 +209,7 @@ class H2SPG(Optimizer):
         hat_lambda_coef: float | None = None,
         score_fn: ScoreFn | None = None,
         foreach: bool | None = None,
+        uniform: bool = False,
     ):
         _check_settings(variant, lambda_rule, lr, momentum, dampening, nesterov, betas, eps, weight_decay,
                         warmup_steps, pruning_steps, omega, epsilon)
@@ -216,6 +221,9 @@ class H2SPG(Optimizer):
         self.variant = variant
         self.K = target_k(K, space)  # the one K check, shared with fxoto.search
         self.K_per_kind = kind_counts(K, space)  # None, or the count per kind of group
+        self.uniform = uniform
+        if uniform:
+            check_uniform(space, self.K_per_kind)
         self.warmup_steps = warmup_steps
         self.pruning_steps = pruning_steps
         self.lambda_rule = lambda_rule
@@ -502,7 +510,7 @@ class H2SPG(Optimizer):
             scores = box[0]
             self._scores = torch.tensor(scores, dtype=torch.float64, device=self.device)
         self._redundant = select_redundant(self.space, torch.tensor(scores, dtype=torch.float64), self.K,
-                                           self.K_per_kind)
+                                           self.K_per_kind, self.uniform)
         self._hot = self._plan(self._redundant, "hot")
         if self.pruning_steps == 0:
             self._force()
@@ -550,6 +558,7 @@ class H2SPG(Optimizer):
             "groups": len(self._parts),
             "variant": self.variant,
             "K_per_kind": self.K_per_kind,
+            "uniform": self.uniform,
             **{key: getattr(self, key) for key in SETTINGS},
             "step": self._step,
             "scores": self._scores.clone(),
@@ -579,6 +588,7 @@ class H2SPG(Optimizer):
         self._layer = self._layer.to(self.device)
         self._copies = _DeviceCopies(self.device)
         self.K_per_kind = h.get("K_per_kind")
+        self.uniform = h.get("uniform", False)
         for key in SETTINGS:
             setattr(self, key, h[key])
         self._step = h["step"]

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -18,6 +19,7 @@ from fxoto.space import (  # noqa: F401 (resolve_k: re-exported)
     GeZIG, SearchSpace, _numel, find_gezigs, kind_counts, resolve_k, target_k, zeroed_by_own_variables,
 )
 from fxoto.trace import trace
+from fxoto.uniform import check_uniform
 
 STRUCTURES = ("operations", "channels", "both")
 
@@ -56,7 +58,11 @@ def build_space(
         groups = _without_channels(groups, channels.params | heads.params, model)
         held = set(heads.layers)
         excluded = excluded + [e for e in channels.excluded if not held.intersection(e.nodes)] + heads.excluded
-    return SearchSpace(model, graph, segments, groups, excluded, channels, heads)
+    space = SearchSpace(model, graph, segments, groups, excluded, channels, heads)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    space.example = (tuple(example_inputs), dict(example_kwargs or {}))  # what in_place=True checks on
+    return space
 
 
 def _decisive_nodes(groups: list[GeZIG], segments: list[Segment], graph: fx.Graph, root: nn.Module) -> set[str]:
@@ -108,11 +114,15 @@ def _without_channels(groups: list[GeZIG], held: set[str], root: nn.Module) -> l
 class Search:
     """A super-network with its search space and target group sparsity K."""
 
-    def __init__(self, model: nn.Module, K: int | float | dict[str, int | float], space: SearchSpace):
+    def __init__(self, model: nn.Module, K: int | float | dict[str, int | float], space: SearchSpace,
+                 uniform: bool = False):
         self.model = model
         self.space = space
         self.K = target_k(K, space)  # the count; K as given goes to H2SPG (a dict per kind stays one)
         self.K_per_kind = kind_counts(K, space)
+        self.uniform = uniform
+        if uniform:
+            check_uniform(space, self.K_per_kind)
         self._requested = K
         self.opt = None
         self.history = None
@@ -131,6 +141,7 @@ class Search:
             kwargs.setdefault("pruning_steps", max(1, (2 * total_steps) // 5))
         if lr is None:
             lr = 0.05 if kwargs.get("variant", "sgd") == "sgd" else 1e-3
+        kwargs.setdefault("uniform", self.uniform)
         self.opt = H2SPG(self.space, self._requested, lr, **kwargs)
         return self.opt
 
@@ -163,9 +174,10 @@ class Search:
                            device=device, amp=amp, **kwargs)
         return self.history
 
-    def subnet(self):
-        """The sub-network: a ``torch.fx.GraphModule`` with every zero GeZIG erased."""
-        return self.space.construct_subnet()
+    def subnet(self, in_place: bool = False):
+        """The sub-network: a ``torch.fx.GraphModule`` with every zero GeZIG erased, or with
+        ``in_place=True`` the model itself, sliced (``SearchSpace.construct_subnet``)."""
+        return self.space.construct_subnet(in_place=in_place)
 
     def report(self, example_inputs=None, val_loader=None) -> str:
         """A table: groups erased, parameters, MACs, accuracy and the largest output difference."""
@@ -188,6 +200,7 @@ def search(
     concrete_args: dict[str, Any] | None = None,
     op_table: OpTable = DEFAULT_TABLE,
     structures: str = "operations",
+    uniform: bool = False,
 ) -> Search:
     """Build the search space of ``model`` and prepare to remove ``K`` groups.
 
@@ -197,6 +210,9 @@ def search(
     ``structures``: ``"operations"`` (GeZIGs), ``"channels"`` or ``"both"`` (see ``build_space``).
     ``example_kwargs``: keyword arguments of the forward (``attention_mask=...``).
     ``tracer``: ``"auto"`` (torch.fx, else ``torch.export``), ``"fx"`` or ``"export"`` (``fxoto.trace.trace``).
+    ``uniform``: H2SPG removes the same number of heads and of neurons in every block
+    (``fxoto.uniform``), so that ``construct_subnet(in_place=True)`` can rewrite a
+    Hugging Face config; K is then given per kind.
     """
     space = build_space(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
                         op_table=op_table, structures=structures, example_kwargs=example_kwargs, tracer=tracer)
@@ -214,4 +230,4 @@ def search(
             f"to search as operations; slim its layers with structures='channels', or add residual or "
             f"multi-branch blocks." + (f"\nSegments set aside:{why}" if why else "")
         )
-    return Search(model, K, space)
+    return Search(model, K, space, uniform)

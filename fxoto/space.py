@@ -169,6 +169,8 @@ class SearchSpace:
                  excluded: list[Exclusion], channels: ChannelGroupSet | None = None,
                  heads: ChannelGroupSet | None = None):
         self.model = model
+        self.example: tuple[tuple, dict] = ((), {})  # the example inputs (build_space sets them)
+        self.stale = False  # True once construct_subnet(in_place=True) sliced the model
         self.graph = graph
         self.segments = segments
         self.excluded = excluded
@@ -428,12 +430,18 @@ class SearchSpace:
                 table[(m.param, m.dim)].append((g.id, m.start, m.stop))
         return {key: tuple(np.array(column, dtype=np.int64) for column in zip(*rows)) for key, rows in table.items()}
 
-    def construct_subnet(self, ids: Iterable[int] | None = None) -> fx.GraphModule:
+    def construct_subnet(self, ids: Iterable[int] | None = None, *, in_place: bool = False) -> fx.GraphModule | nn.Module:
         """The sub-network: a new GraphModule with every exactly-zero group erased (paper 3.3).
 
         ``ids`` overrides which groups go (they need not be zero: their
-        contribution is then dropped, so the output changes).
+        contribution is then dropped, so the output changes).  ``in_place=True``
+        slices the model's own modules instead and returns the model, of its own
+        class (``fxoto.inplace``: channel and head groups only).
         """
+        if in_place:
+            from fxoto.inplace import construct_in_place
+
+            return construct_in_place(self, ids)
         from fxoto.subnet import construct_subnet
 
         return construct_subnet(self, ids)

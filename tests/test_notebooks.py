@@ -47,12 +47,13 @@ def _text(cell: nbformat.NotebookNode) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
-def test_the_four_walkthroughs_are_there():
+def test_the_five_walkthroughs_are_there():
     assert [p.name for p in NOTEBOOKS] == [
         "01_search_space.ipynb",
         "02_train_and_construct.ipynb",
         "03_bring_your_own_network.ipynb",
         "04_operations_and_channels.ipynb",
+        "05_language_model.ipynb",
     ]
 
 
