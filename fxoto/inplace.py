@@ -36,15 +36,16 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxoto.errors import InPlaceError
+from fxoto.patterns import rms_norm
 from fxoto.roles import DEFAULT_TABLE
-from fxoto.subnet import _channel_drops, _erased_nodes, _keep, _slice_in_place, _slice_param, _slice_per_channel, \
-    _slice_stem, construct_subnet
+from fxoto.subnet import (_channel_drops, _erased_nodes, _head_cuts, _keep, _slice_in_place, _slice_param,
+                          _slice_per_channel, _slice_stem, construct_subnet)
 
 # Attributes an attention module may keep its head counts in: what each counts.
 HEAD_COUNTS = {
     "num_heads": "queries", "num_attention_heads": "queries", "n_heads": "queries", "n_head": "queries",
     "num_key_value_heads": "kv", "num_kv_heads": "kv", "n_kv_heads": "kv",
-    "num_key_value_groups": "groups", "all_head_size": "width",
+    "num_key_value_groups": "groups", "all_head_size": "width", "split_size": "width",
 }
 
 
@@ -86,6 +87,9 @@ def construct_in_place(space, ids=None, rtol: float = 1e-4, atol: float = 1e-5) 
             f"in_place=True cannot erase whole operations (groups {ops or 'of layers losing every channel'}; nodes "
             f"{sorted(erased)[:4]} ...): a module's forward still calls them. Remove channel and head groups alone "
             f"in place, or use construct_subnet() for a GraphModule that erases them")
+    if (ragged := _ragged_heads(space, ids)) is not None:
+        raise InPlaceError(f"in_place=True: {ragged}; use construct_subnet() (it indexes the repeated heads), or "
+                           f"uniform=True in the search")
     args, kwargs = space.example
     nodes = {n.name: n for n in space.graph.nodes}
     columns = _columns(space, ids, nodes)
@@ -137,16 +141,25 @@ def _columns(space, ids, nodes) -> dict[str, set[int]]:
 def _slice(space, ids, nodes, columns) -> None:
     """Slice the model's modules (``fxoto.subnet``'s slicing, on the model instead of a copy of its graph)."""
     model = space.model
-    for stem, drop in _channel_drops(space, ids).items():
+    drops = _channel_drops(space, ids)
+    columns = defaultdict(set, {name: set(drop) for name, drop in columns.items()})
+    _head_cuts(space, ids, drops, columns, set())
+    for stem, drop in drops.items():
         _slice_stem(model, nodes[stem], drop)
     for name, drop in columns.items():
         _slice_in_place(model, nodes[name], drop)
     entries: dict[str, set[int]] = defaultdict(set)
+    norms: dict[str, set[int]] = defaultdict(set)
     for cut in filter(None, map(space.slices.get, ids)):
         for name, c in cut.entries:
-            entries[nodes[name].target].add(c)
+            if nodes[name].target is rms_norm:
+                norms[name].add(c)
+            else:
+                entries[nodes[name].target].add(c)
     for target, drop in entries.items():
         _slice_entries(model, target, nodes, drop)
+    for name, drop in norms.items():
+        _slice_rms_module(model, nodes[name], drop)
     _set_head_counts(space, ids, nodes)
 
 
@@ -166,6 +179,44 @@ def _slice_entries(model: nn.Module, target: str, nodes, drop: set[int]) -> None
         _slice_per_channel(model, next(n for n in nodes.values() if n.target == target), drop)
 
 
+def _slice_rms_module(model: nn.Module, node, drop: set[int]) -> None:
+    """An RMSNorm module (folded into ``fxoto.patterns.rms_norm``): its weight sliced and times sqrt(N/N'),
+    its epsilon attribute (the float that holds the folded ``eps``) times N/N' (DESIGN 6b)."""
+    _, weight_node, eps, _ = node.args
+    path, _, attr = weight_node.target.rpartition(".")
+    module = model.get_submodule(path)
+    names = [k for k, v in vars(module).items() if isinstance(v, float) and v == eps]
+    if len(names) != 1:
+        raise InPlaceError(f"the RMSNorm '{path}' ({type(module).__name__}) keeps its epsilon {eps} in "
+                           f"{len(names)} attributes: fxoto cannot tell which to rescale; use construct_subnet()")
+    weight = getattr(module, attr)
+    n = weight.shape[0]
+    keep = _keep(n, drop, weight.device)
+    ratio = n / len(keep)
+    with torch.no_grad():
+        setattr(module, attr, nn.Parameter(weight.index_select(0, keep) * ratio ** 0.5, weight.requires_grad))
+    setattr(module, names[0], eps * ratio)
+    for shape_attr in ("normalized_shape", "hidden_size", "dim"):
+        value = getattr(module, shape_attr, None)
+        if value == n:
+            setattr(module, shape_attr, len(keep))
+        elif isinstance(value, tuple) and value == (n,):
+            setattr(module, shape_attr, (len(keep),))
+
+
+def _ragged_heads(space, ids) -> str | None:
+    """An attention whose key/value heads would keep different numbers of query heads: a module repeats each
+    key/value head the same number of times."""
+    removed = space.removed_heads(ids)
+    for a in space.attentions:
+        kept = [sum((a.q, i) not in removed for i, jj in enumerate(a.kv_of_query) if jj == j)
+                for j in sorted(set(a.kv_of_query)) if (a.k, j) not in removed]
+        if len(set(kept)) > 1:
+            return (f"the attention at node '{a.node}' would keep {kept} query heads per key/value head: its "
+                    f"module repeats every key/value head as often")
+    return None
+
+
 def _set_head_counts(space, ids, nodes) -> None:
     """Write the heads kept into the attention modules' head counts (``HEAD_COUNTS``), where they hold the old ones."""
     removed = space.removed_heads(ids)
@@ -180,7 +231,7 @@ def _set_head_counts(space, ids, nodes) -> None:
         old = {"queries": queries, "kv": kv, "groups": queries // kv, "width": queries * a.head_dim}
         new = {"queries": queries - gone_q, "kv": kv - gone_kv, "groups": (queries - gone_q) // (kv - gone_kv),
                "width": (queries - gone_q) * a.head_dim}
-        path = _common_parent([nodes[n].target for n in (a.q, a.k, a.v)])
+        path = _common_parent([nodes[stem].target for _, stem, _ in a.rows] + [nodes[a.out].target])
         module = model.get_submodule(path)
         for attr, what in HEAD_COUNTS.items():
             if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == old[what]:

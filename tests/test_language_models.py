@@ -259,3 +259,66 @@ def test_the_language_model_run_quick():
                           text=True, timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "perplexity" in done.stdout and "tokens/s" in done.stdout
+
+
+def test_llama_residual_stream_sliced_in_place_generates_the_same_tokens():
+    """The hidden width in place: embedding columns, every projection's rows and columns, and each RMSNorm's
+    weight (times sqrt(N/N')) and ``variance_epsilon`` (times N/N')."""
+    torch.manual_seed(0)
+    model = _llama(LlamaForCausalLM)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    x = _ids(2, 7)
+    s = fxoto.search(model, 1, (x,), structures="channels").space
+    stream = [g.id for g in s.groups if any(m.param == "model.embed_tokens.weight" for m in g.members)]
+    neurons = [g.id for g in s.groups if g.kind == "channel" and g.id not in stream]
+    heads = [g.id for g in s.groups if g.kind == "head"]
+    ids = stream[:8] + neurons[:10] + heads[:1]
+    s.zero_(ids)
+    zeroed = copy.deepcopy(model)
+    eps = model.model.norm.variance_epsilon
+    with pytest.warns(UserWarning, match="torch.save"):
+        out = s.construct_subnet(ids, in_place=True)
+    assert out is model and model.model.embed_tokens.embedding_dim == 24
+    assert model.model.norm.weight.shape == (24,) and model.model.norm.variance_epsilon == pytest.approx(eps * 32 / 24)
+    torch.testing.assert_close(model(_ids(3, 5, 1)).logits, zeroed(_ids(3, 5, 1)).logits, rtol=1e-4, atol=1e-5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, use_cache=True, attention_mask=torch.ones_like(x), pad_token_id=0)
+    assert torch.equal(model.generate(x, **kwargs), zeroed.generate(x, **kwargs))
+
+
+def test_gpt2_fused_heads_in_place():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, use_cache=False,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    x = _ids(2, 7)
+    s = fxoto.search(model, 1, (x,), structures="channels").space
+    heads = [g.id for g in s.groups if g.kind == "head"]
+    ids = [heads[0], heads[5]] + [g.id for g in s.groups if g.kind == "channel"][:20]
+    s.zero_(ids)
+    zeroed = copy.deepcopy(model)
+    with pytest.warns(UserWarning):
+        s.construct_subnet(ids, in_place=True)
+    assert type(model) is GPT2LMHeadModel
+    assert [block.attn.num_heads for block in model.transformer.h] == [3, 3]
+    assert model.transformer.h[0].attn.c_attn.nf == 3 * 24
+    torch.testing.assert_close(model(_ids(3, 5, 1)).logits, zeroed(_ids(3, 5, 1)).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_query_heads_removed_unevenly_are_refused_in_place_and_built_as_a_graph():
+    model = _llama()
+    s = fxoto.search(model, 1, (_ids(2, 7),), structures="channels").space
+    a = s.attentions[0]
+    ids = [g.id for g in s.groups if g.kind == "head" and s._heads.heads[g.id] == frozenset({(a.q, 0)})]
+    s.zero_(ids)
+    state = _state(model)
+    with pytest.raises(InPlaceError, match=r"keep \[1, 2\] query heads per key/value head"):
+        s.construct_subnet(ids, in_place=True)
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(_state(model).values(), state.values()))
+    sub = s.construct_subnet(ids)
+    torch.testing.assert_close(sub(_ids(3, 5, 1)).last_hidden_state, model(_ids(3, 5, 1)).last_hidden_state,
+                               rtol=1e-4, atol=1e-5)
