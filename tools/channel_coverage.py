@@ -180,6 +180,7 @@ class Counted:
     heads: int
     layers: int | None = None  # fxoto's layers in channel groups
     head_dims: tuple[int, int] = (0, 0)  # torch-pruning's: (layers, channels) of its attention groups (head dimensions)
+    attentions: int = 0  # torch-pruning's attention groups
     why: dict[str, tuple[int, int]] = field(default_factory=dict)  # fxoto's set-aside layers: reason -> (layers, channels)
 
 
@@ -267,15 +268,17 @@ def torch_pruning_channels(model: nn.Module, x: torch.Tensor, timeout: int,
     pairs = {(id(item.dep.target.module), i) for g in groups for item in g
              if graph.is_out_channel_pruning_fn(item.dep.handler)
              and isinstance(item.dep.target.module, (nn.Linear, nn.modules.conv._ConvNd)) for i in item.idxs}
-    heads, dims = 0, set()
+    heads, dims, attentions = 0, set(), 0
     for g in groups:
         told = [num_heads[m] for m in {item.dep.target.module for item in g
                                        if graph.is_out_channel_pruning_fn(item.dep.handler)} if m in num_heads]
         heads += max(told, default=0)
         if told:
+            attentions += 1
             dims |= {(id(item.dep.target.module), i) for item in g if graph.is_out_channel_pruning_fn(item.dep.handler)
                      and isinstance(item.dep.target.module, nn.Linear) for i in item.idxs}
-    return Counted(len(pairs), len(groups), heads, head_dims=(len({m for m, _ in dims}), len(dims)))
+    return Counted(len(pairs), len(groups), heads, head_dims=(len({m for m, _ in dims}), len(dims)),
+                   attentions=attentions)
 
 
 def why_fewer(why: dict[str, tuple[int, int]], limit: int = 3) -> str:
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
             if theirs.head_dims[1]:
                 why["q, k and v head dimensions, which torch-pruning prunes in its attention groups and fxoto keeps "
                     "(it removes heads whole)"] = theirs.head_dims
+            if ours.heads < theirs.heads and not any(r.startswith("heads: ") for r in why):
+                why["heads: attention not written as scaled_dot_product_attention (the attention fxoto's head groups "
+                    "follow)"] = (theirs.attentions, 0)
             row += [f"{ours.channels / theirs.channels:.2f}" if theirs.channels else "-",
                     why_fewer(why) if short else ""]
         rows.append(row)
