@@ -87,7 +87,7 @@ class Case:
     build: Callable[[], nn.Module]
     example: Callable[[], torch.Tensor]
     shown: str  # the input, as the table shows it
-    num_heads: Callable[[nn.Module], dict[nn.Module, int]] = field(default=_no_heads)
+    num_heads: Callable[[nn.Module], dict[nn.Module, int]] = _no_heads
 
 
 def torchvision_case(name: str) -> Case:
@@ -203,8 +203,8 @@ def fxoto_channels(model: nn.Module, x: torch.Tensor) -> Counted:
     channels = len({row for i in ids for row in space.slices[i].rows}
                    | {entry for i in ids for entry in space.slices[i].entries if entry[0] in layers})
     queries = {a.q for a in space.attentions}
-    heads = len({h for i, g in enumerate(space.groups) if g.kind == "head"
-                 for h in space.removed_heads([i]) if h[0] in queries})
+    heads = len({h for g in space.groups if g.kind == "head"
+                 for h in space.removed_heads([g.id]) if h[0] in queries})
     why: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for e in space.excluded:
         if e.reason.startswith("heads: "):
