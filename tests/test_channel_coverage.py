@@ -28,3 +28,26 @@ def test_plain_and_residual_networks_count_the_same_layer_channels(capsys):
     assert rows["alexnet"][2] == rows["alexnet"][5] == "9,344"
     assert rows["resnet18"][2] == rows["resnet18"][5] == "4,800"
     assert "fxoto fewer on 0 of 2" in out
+
+
+def test_tiny_bert_heads_and_channels_against_torch_pruning(capsys):
+    """Tiny BERT (2 layers, 32 wide, 4 heads, 48 MLP units): fxoto's head groups hold every query head, as
+    torch-pruning's attention groups do once told the heads; its channel groups the MLP units. torch-pruning
+    also counts the q, k and v head dimensions (fxoto removes heads whole) and the LayerNorm residual
+    stream's writers (two output projections a layer), which fxoto sets aside: the table says why."""
+    tool = _tool()
+    case = next(c for c in tool.hf_cases() if c.name == "hf-bert")
+    model, x = case.build(), case.example()
+    ours = tool.fxoto_channels(model, x)
+    theirs = tool.torch_pruning_channels(model, x, 60, case.num_heads(model))
+    assert ours.heads == theirs.heads == 2 * 4
+    assert ours.channels == 2 * 48
+    assert theirs.head_dims == (2 * 3, 2 * 3 * 32)
+    assert theirs.channels == ours.channels + theirs.head_dims[1] + 2 * 2 * 32
+    assert any("add" in reason for reason in ours.why)
+
+    threads = str(torch.get_num_threads())
+    tool.main(["--suite", "transformers", "--models", "hf-bert", "--tablefmt", "plain", "--threads", threads])
+    out = capsys.readouterr().out
+    assert "q, k and v head dimensions" in out
+    assert f"fxoto {ours.channels} channels and {ours.heads} heads, torch-pruning {theirs.channels} channels" in out
