@@ -299,9 +299,13 @@ class _Walk:
     def add(self, node: fx.Node, ins: list[fx.Node]) -> None:
         shape = node.meta[SHAPE]
         first = ins[0]
-        if any(x.meta[SHAPE] != shape or self.dim[x] != self.dim[first] or self.block[x] != self.block[first]
-               for x in ins):
+        if any(x.meta[SHAPE] != shape for x in ins):
             self.opaque(node, "which adds them to a tensor of another shape")
+            return
+        if any(self.dim[x] != self.dim[first] or self.block[x] != self.block[first] for x in ins):
+            other = next(x for x in ins if self.dim[x] != self.dim[first] or self.block[x] != self.block[first])
+            self.opaque(node, f"which adds them to '{other.name}', whose channels lie along another dim or in "
+                              f"blocks of another size (or whose values fxoto could not read as channels)")
             return
         self.join(node, first)
         for x in ins[1:]:

@@ -97,6 +97,7 @@ ATEN: dict[Any, tuple[str, Any, Callable | None]] = {
     aten.split.Tensor: _function(torch.split),
     aten.split_with_sizes.default: _function(torch.split),
     aten.chunk.default: _function(torch.chunk),
+    aten.unbind.int: _function(torch.unbind),
     aten.sym_size.int: _method("size"),
     aten.pow.Tensor_Scalar: _function(torch.pow),
     aten.rsqrt.default: _function(torch.rsqrt),

@@ -113,6 +113,15 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_transposed_linear(m)
 
 
+def _is_unbind(node) -> bool:
+    return isinstance(node, fx.Node) and (node.op == "call_method" and node.target == "unbind"
+                                          or node.op == "call_function" and node.target is torch.unbind)
+
+
+def _unbind_dim(node: fx.Node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
 def _pieces(split: fx.Node) -> list[int] | None:
     """The sizes of a ``torch.split`` along the last dim, or None."""
     x = split.args[0]
@@ -158,10 +167,14 @@ class _Follow:
         self.repeats: dict[fx.Node, str] = {}  # grouped-query attention's reshape: the projection it repeats
         self.rows: dict[str, tuple[str, int, int]] = {}  # projection: (stem node, first row, rows)
         self.splits: dict[str, str] = {}  # a fused projection's piece: the split node that makes it
+        self.unseen: list[fx.Node] = []  # attentions none of whose q, k, v is a linear layer's heads
         for node in graph.nodes:
             if not node.meta.get(LIVE) or node.op in ("placeholder", "get_attr"):
                 continue
             ins = [x for x in node.all_input_nodes if x in self.track]
+            if node.target is F.scaled_dot_product_attention and not ins:
+                self.unseen.append(node)
+                continue
             if node.op == "output":
                 self.fail(ins, "its heads reach the graph output")
                 continue
@@ -186,6 +199,9 @@ class _Follow:
     def seed(self, node: fx.Node) -> None:
         """A view of a linear layer's output (or of one piece of it, split along the features: a fused
         qkv projection) as [..., H, d]: H heads of that layer (piece)."""
+        if node.op == "call_function" and node.target is operator.getitem and _is_unbind(node.args[0]):
+            self.seed_unbound(node)
+            return
         if node.op != "call_method" or node.target not in ("view", "reshape"):
             return
         x = node.args[0]
@@ -217,6 +233,37 @@ class _Follow:
         self.track[node] = _Track(axis, tuple((key, i) for i in range(shape[-2])))
         self.size_at(node, axis, self.track[node])
 
+    def seed_unbound(self, node: fx.Node) -> None:
+        """q, k or v out of one fused layer laid out as [..., 3, H, d], the 3 moved first and unbound
+        (timm's attention: ``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``)."""
+        unbind, piece = node.args[0], node.args[1]
+        permute = unbind.args[0]
+        if not (isinstance(piece, int) and _unbind_dim(unbind) == 0 and isinstance(permute, fx.Node)
+                and (permute.op == "call_method" and permute.target == "permute" or permute.target is torch.permute)):
+            return
+        reshape = permute.args[0]
+        if not (isinstance(reshape, fx.Node) and reshape.op == "call_method" and reshape.target in ("view", "reshape")):
+            return
+        x = reshape.args[0]
+        if not (isinstance(x, fx.Node) and x.op == "call_module" and _is_linear(submodule(self.root, x.target))):
+            return
+        before, shape = x.meta.get(SHAPE), reshape.meta.get(SHAPE)
+        if not (isinstance(before, torch.Size) and isinstance(shape, torch.Size) and len(shape) == len(before) + 2
+                and shape[:-3] == before[:-1] and shape[-3] * shape[-2] * shape[-1] == before[-1]):
+            return
+        dims = permute.args[1] if isinstance(permute.args[1], (list, tuple)) else permute.args[1:]
+        dims = [_normal(d, len(shape)) for d in dims]
+        at_piece, at_head = len(before) - 1, len(before)
+        if dims[0] != at_piece:
+            return
+        key, heads, width = f"{x.name}.{piece}", shape[-2], shape[-2] * shape[-1]
+        for n in (x, reshape, permute):
+            if len([u for u in n.users if u.meta.get(LIVE)]) != 1:
+                self.failed.setdefault(key, f"'{n.name}' is read by more than the split into q, k and v")
+        self.rows[key] = (x.name, piece * width, width)
+        self.track[node] = _Track(dims.index(at_head) - 1, tuple((key, i) for i in range(heads)))
+        self.size_at(reshape, at_head, self.track[node])
+
     def size_at(self, node: fx.Node, axis: int, track: _Track) -> None:
         """Record the size argument at ``axis`` of a view/reshape/expand when it is a number (-1 adapts)."""
         sizes, position, inner = list(node.args[1:]), 1 + axis, None
@@ -240,8 +287,12 @@ class _Follow:
             if _is_linear(module) and t.block > 1 and t.axis == len(x.meta[SHAPE]) - 1 and len(ins) == 1:
                 self.readers[node] = (x, t)
                 return
-            if isinstance(module, nn.Dropout):
+            if isinstance(module, (nn.Dropout, nn.Identity)):
                 self.track[node] = t
+                return
+            if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and t.block == 1 \
+                    and t.axis != len(shape) - 1:  # a norm over each head's features (timm's q_norm, k_norm)
+                self.track[node] = _Track(t.axis, t.heads, t.block, False, t.rep)
                 return
             raise _Unfollowed(f"module '{node.target}' ({type(module).__name__}) reads them")
         if node.op == "call_method" and target in ("view", "reshape"):
@@ -357,7 +408,8 @@ class _Follow:
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if isinstance(mask, fx.Node):
             m = mask.meta.get(SHAPE)
-            if mask in self.track or not isinstance(m, torch.Size) or (len(m) == len(shape) and m[1] != 1):
+            if mask in self.track or m is not None and not isinstance(m, torch.Size) \
+                    or isinstance(m, torch.Size) and len(m) == len(shape) and m[1] != 1:  # None: no mask given
                 raise _Unfollowed("a mask that differs per head")
         tq, tk, tv = (self.track[x] for x in (q, k, v))
         if not all(t.axis == 1 and t.block == 1 for t in (tq, tk, tv)):
@@ -439,6 +491,10 @@ def find_head_groups(graph: fx.Graph, root: nn.Module, first_id: int, taken: set
             params.update(p for p, _ in own_parameters(nodes[stem], root))
         if out_members:
             params.update(p for p, _ in _column_dims(reader, root))
+    for node in follow.unseen:
+        excluded.append(Exclusion((node.name,), "heads: none of its q, k and v is a linear layer's output viewed as "
+                                               "[..., heads, d] (nor a piece of one split along the features): a "
+                                               "fused qkv reshaped as [..., 3, heads, d] is not followed yet"))
     for p, why in follow.failed.items():
         if not any(p in (a.q, a.k, a.v) for a in attentions):
             excluded.append(Exclusion((p,), f"heads: {why}"))

@@ -2,8 +2,8 @@
 and no group across a LayerNorm stream.
 
 A block draws its heads, key/value heads (grouped-query attention), head size, pre- or
-post-norm, LayerNorm or RMSNorm, a gated or plain MLP, rotary embeddings or none, and the
-depth; the same network is captured by torch.fx and by torch.export.
+post-norm, LayerNorm or RMSNorm, a gated or plain MLP, rotary embeddings or none, separate
+q, k, v layers or one fused qkv layer (timm's layout), and the depth; the same network is captured by torch.fx and by torch.export.
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def _rotate_half(x):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads, head_dim, pre_norm, rms, gated, hidden, rotary):
+    def __init__(self, dim, heads, kv_heads, head_dim, pre_norm, rms, gated, hidden, rotary, fused=False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.pre_norm, self.gated, self.rotary = pre_norm, gated, rotary
-        self.q = nn.Linear(dim, heads * head_dim)
-        self.k = nn.Linear(dim, kv_heads * head_dim)
-        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.pre_norm, self.gated, self.rotary, self.fused = pre_norm, gated, rotary, fused
+        if fused:  # timm's layout: one qkv layer, reshaped to [B, N, 3, H, d], the 3 moved first and unbound
+            assert heads == kv_heads
+            self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        else:
+            self.q = nn.Linear(dim, heads * head_dim)
+            self.k = nn.Linear(dim, kv_heads * head_dim)
+            self.v = nn.Linear(dim, kv_heads * head_dim)
         self.o = nn.Linear(heads * head_dim, dim)
         self.norm1 = RMSNorm(dim) if rms else nn.LayerNorm(dim)
         self.norm2 = RMSNorm(dim) if rms else nn.LayerNorm(dim)
@@ -53,9 +57,12 @@ class Block(nn.Module):
 
     def attention(self, h):
         b, s, _ = h.shape
-        q = self.q(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv(h).reshape(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+            k = self.k(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = self.v(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             angle = torch.arange(s, dtype=h.dtype).unsqueeze(-1) * torch.linspace(0.1, 1.0, self.head_dim)
             cos, sin = angle.cos().unsqueeze(0).unsqueeze(0), angle.sin().unsqueeze(0).unsqueeze(0)
@@ -102,9 +109,11 @@ def transformers_nets(draw):
     head_dim = draw(st.sampled_from([2, 4]))
     dim = draw(st.sampled_from([8, 12]))
     rms = draw(st.booleans())
+    fused = heads == kv_heads and draw(st.booleans())
     blocks = [Block(dim, heads, kv_heads, head_dim, draw(st.booleans()), rms, draw(st.booleans()),
-                    draw(st.integers(3, 8)), draw(st.booleans()))
+                    draw(st.integers(3, 8)), draw(st.booleans()), fused)
               for _ in range(draw(st.integers(1, 2)))]
+    event(f"fused qkv: {fused}")
     event(f"grouped-query attention: {heads > kv_heads}")
     torch.manual_seed(draw(st.integers(0, 2**16)))
     net = Net(dim, blocks).eval()
