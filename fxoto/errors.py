@@ -45,3 +45,8 @@ class UnknownGroupError(FxotoError, IndexError):
 
 class DeviceError(FxotoError):
     """The model's tensors are spread over several devices, or some are on ``meta``."""
+
+
+class SubnetCheckError(FxotoError):
+    """The sub-network fxoto wrote does not run, or does not give the super-network's output
+    shapes: a bug in the rewrite, caught before the sub-network is handed out."""

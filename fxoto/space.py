@@ -27,8 +27,8 @@ from torch import nn
 
 from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint,
-                            own_parameters, runs, source_indices, users)
+from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, SplitPiece, data_inputs,
+                            is_joint, own_parameters, runs, source_indices, split_pieces, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
@@ -344,8 +344,48 @@ class SearchSpace:
         """Some call of the stem's module (``ChannelLayer.again``) lies outside the ``erased`` segments."""
         return any(self._segment_of_node.get(name) not in erased for name in (stem, *self.layers[stem].again))
 
+    @functools.cached_property
+    def _pieces(self) -> list[SplitPiece]:
+        return split_pieces(self.graph, self.segments)
+
+    def emptied(self, erased: set[int]) -> tuple[set[int], list[SplitPiece], str | None]:
+        """The parts of splits after concats that erasing the ``erased`` segments leaves without
+        a channel (DESIGN 6): the segments then gone (``erased`` and the parts' own), the parts,
+        and why that is refused (a part read by a stem that stays, say), or None.
+
+        An emptied part is erased up to the concat joints that take it, which drop it as they
+        drop an erased input; a part emptied that way may empty a later split's part in turn.
+        """
+        gone, found = set(erased), []
+        grew = bool(self._pieces)
+        while grew:
+            grew = False
+            for piece in self._pieces:
+                if piece in found or not all(owners & gone for owners in piece.owners):
+                    continue
+                what = f"removing them leaves part {piece.index} of node '{piece.split}' with no channel"
+                if piece.problem is not None:
+                    return gone, found, f"{what}: {piece.problem}"
+                for stem, segment in piece.readers:
+                    if segment not in gone:
+                        return gone, found, (f"{what}, and node '{stem}' reads it: a layer that reads nothing would "
+                                             f"still put out its bias, which a layer of zero width does not; erase "
+                                             f"'{stem}' with it or keep a channel of that part")
+                kept = piece.partial - gone
+                if kept:
+                    return gone, found, (f"{what}, and its nodes share a segment with nodes that stay "
+                                         f"('{self.segments[min(kept)].nodes[0]}')")
+                found.append(piece)
+                gone |= piece.whole
+                grew = True
+        return gone, found, None
+
     def _graph_problem(self, erased: set[int]) -> str | None:
-        """DESIGN 4 on the dependency graph of segments, ``erased`` gone."""
+        """DESIGN 4 on the dependency graph of segments, ``erased`` gone (and the split parts
+        that this empties, ``emptied``)."""
+        erased, _, problem = self.emptied(erased)
+        if problem is not None:
+            return problem
         fed = [False] * len(self.segments)
         for seg in self.segments:  # segments are in topological order
             if seg.id in erased:

@@ -43,10 +43,14 @@ from fxoto.shapes import SHAPE
 
 
 def _erased_nodes(space, ids) -> set[str]:
-    """The operation groups' nodes, and the segments of stems that lose every channel."""
+    """The operation groups' nodes, the segments of stems that lose every channel, and the
+    split parts left with no channel (``SearchSpace.emptied``) up to the concats that drop them."""
     segments, _ = space.channel_erasures(ids)
+    segments |= {space.groups[i].segment for i in ids if space.groups[i].kind == "operation"}
+    gone, pieces, _ = space.emptied(segments)
     return ({name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
-            | {name for s in segments for name in space.segments[s].nodes})
+            | {name for s in gone for name in space.segments[s].nodes}
+            | {name for piece in pieces for name in piece.nodes})
 
 
 def _channel_drops(space, ids) -> dict[str, set[int]]:
