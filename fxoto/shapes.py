@@ -31,6 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from fxoto.errors import ExampleInputError
 
 SHAPE = "shape"  # node.meta key: torch.Size, tuple of those, or None
+EXAMPLE = "fxoto.example"  # node.meta key of a placeholder: its example input, on the meta device
 CONSTANT = "fxoto.constant"  # node.meta key of a get_attr node: the tensor it reads, made in forward
 
 Rule = Callable[..., Tensor | None]  # (args, kwargs[, module]) -> meta output, or None to run the op
@@ -60,6 +61,8 @@ def _conv(args, kwargs, m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor | None:
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x, w = args[0], m.weight
+    if m.groups < 1:
+        raise ValueError("non-positive groups is not supported")  # as the kernel says; meta does not check
     nd = w.dim() - 2
     padding = (0,) * nd if m.padding == "valid" else m.padding
     if isinstance(padding, str) or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2) or x.dtype != w.dtype:
@@ -252,6 +255,17 @@ _METHOD_RULES: dict[str, Rule] = {
 # -- the walk ----------------------------------------------------------------------
 
 
+def _keeps_width(module: nn.Module, x: Tensor) -> bool:
+    """A per-channel module's variables fit its input (else it is run on meta, which checks them)."""
+    width = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        width = module.num_parameters
+    if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        return tuple(x.shape[x.dim() - len(shape):]) == shape
+    return width is None or (x.dim() >= 2 and x.shape[1] == width)
+
+
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Tensor):
         return torch.empty_like(value, device="meta")
@@ -338,6 +352,7 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                     value = next(args_iter, node.args[0] if node.args else _MISSING)
                     if value is _MISSING:
                         raise RuntimeError(f"Expected positional argument for parameter {target}, but one was not passed in!")
+                node.meta[EXAMPLE] = _to_meta(value)
             elif op == "get_attr":
                 value = attr_value(node, root)
                 if meta:
@@ -354,7 +369,8 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                         rule = _MODULE_RULES.get(type(module))
                         if rule is not None:
                             value = rule(args, kwargs, module)
-                        elif isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor):
+                        elif (isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor)
+                              and _keeps_width(module, args[0])):
                             value = args[0]
                     if value is None:
                         value = _run_on_meta(module, args, kwargs) if meta else module(*args, **kwargs)

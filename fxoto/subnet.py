@@ -36,10 +36,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxoto.errors import InvalidRemovalError
+from fxoto.errors import InvalidRemovalError, SubnetCheckError
 from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
-from fxoto.shapes import SHAPE
+from fxoto.shapes import EXAMPLE, SHAPE, _describe, _NodeFailure, _reparametrize_module, _walk
 
 
 def _erased_nodes(space, ids) -> set[str]:
@@ -498,7 +498,60 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _own_tensors(sub, space.gm)
     sub.graph.lint()
     sub.recompile()
+    _check(sub, space, ids)
     return sub
+
+
+def _check(sub: fx.GraphModule, space, ids: list[int]) -> None:
+    """Raise ``SubnetCheckError`` unless the sub-network runs on the example inputs' shapes and
+    gives the super-network's output shapes, with no tensor emptied that was not empty.
+
+    The shapes go through on the ``meta`` device (``fxoto.shapes``: no arithmetic); where an op
+    has no meta kernel, on zeros of the example shapes.  The sub-network's ``node.meta["shape"]``
+    are its own afterwards.  Every failure is a bug in the rewrite, never the user's.
+    """
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    if not all(EXAMPLE in n.meta for n in placeholders):
+        return  # a graph not traced by fxoto: no example to check with
+    inputs = [n.meta[EXAMPLE] for n in placeholders]
+    try:
+        with torch.no_grad():
+            _walk(sub.graph, sub, inputs, meta=True)
+    except _NodeFailure:
+        _check_on_zeros(sub, space, ids, inputs)
+    before = {n.name: n.meta.get(SHAPE) for n in space.gm.graph.nodes}
+    for node in sub.graph.nodes:
+        shape, old = node.meta.get(SHAPE), before.get(node.name)
+        if node.op == "output" and shape != old:
+            raise SubnetCheckError(_failed(space, ids, f"its output has shape {_text(shape)}, the super-network's "
+                                                       f"{_text(old)}"))
+        if isinstance(shape, torch.Size) and 0 in shape and isinstance(old, torch.Size) and 0 not in old:
+            raise SubnetCheckError(_failed(space, ids, f"{_describe(node, sub)} is left with shape {list(shape)}, "
+                                                       f"an empty tensor (the super-network's: {list(old)})"))
+
+
+def _check_on_zeros(sub: fx.GraphModule, space, ids: list[int], inputs: list) -> None:
+    """``_check``'s walk on real zeros, for a graph with an op that has no meta kernel."""
+    device = next(itertools.chain(sub.parameters(), sub.buffers()), torch.empty(0)).device
+    zeros = [torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, torch.Tensor) else x for x in inputs]
+    cloned = {k: v.detach().clone() for k, v in sub.named_buffers(remove_duplicate=False)}
+    try:
+        with torch.no_grad(), _reparametrize_module(sub, cloned):
+            _walk(sub.graph, sub, zeros, meta=False)
+    except _NodeFailure as failure:
+        where = _describe(failure.node, sub) if failure.node is not None else "its inputs"
+        raise SubnetCheckError(_failed(space, ids, f"it fails at {where}: {failure}")) from failure.error
+
+
+def _text(shape) -> str:
+    return str(list(shape)) if isinstance(shape, torch.Size) else str(shape)
+
+
+def _failed(space, ids: list[int], what: str) -> str:
+    named = ", ".join(str(space.groups[i]) for i in ids[:4]) + (", ..." if len(ids) > 4 else "")
+    return (f"the sub-network fxoto wrote for erasing groups {ids} ({named}) is broken: {what}. This is a bug in "
+            f"fxoto's rewrite, not in the model; the super-network is untouched. Keep these groups (erase others), "
+            f"and please report it with the model.")
 
 
 def _copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:

@@ -150,3 +150,31 @@ def test_a_part_read_by_a_convolution_goes_only_with_it():
     for ids in ([2], [3]):
         assert space.is_valid_removal(ids)
         check_exact(model, x, space, ids)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("broken", ["per_channel", "emptied"])
+def test_a_broken_rewrite_raises_and_leaves_the_super_network_alone(mixnet, monkeypatch, broken):
+    """The rewrite checks what it returns: made to fail on purpose (batch norms left at their old
+    width; the emptied part left in, its depthwise convolution with no channel), it raises
+    ``SubnetCheckError`` naming the groups and the node, and the super-network is as it was."""
+    model, x, space = mixnet
+    if broken == "per_channel":
+        monkeypatch.setattr("fxoto.subnet._slice_per_channel", lambda gm, node, drop: None)
+    else:
+        monkeypatch.setattr(type(space), "emptied", lambda self, erased: (set(erased), [], None))
+    before = _state(model)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.raises(SubnetCheckError) as error:
+        space.construct_subnet([0])
+    message = str(error.value)
+    assert isinstance(error.value, FxotoError)
+    assert "groups [0] (g0: " in message and "-> blocks_0_pw_0)" in message
+    assert ("node 'blocks_0_bn1'" if broken == "per_channel" else "node 'blocks_0_dw_0'") in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
