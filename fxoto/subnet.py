@@ -39,7 +39,7 @@ from torch import nn
 from fxoto.errors import InvalidRemovalError, SubnetCheckError
 from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
-from fxoto.shapes import EXAMPLE, SHAPE, _describe, _NodeFailure, _reparametrize_module, _walk
+from fxoto.shapes import EXAMPLE, SHAPE, _describe, fetch_attr, _NodeFailure, _reparametrize_module, _walk
 
 
 def _erased_nodes(space, ids) -> set[str]:
@@ -495,6 +495,7 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     sub.graph.eliminate_dead_code()
     _out_of_place(sub, readers)
     sub.delete_all_unused_submodules()
+    _drop_unread_tensors(sub)
     _own_tensors(sub, space.gm)
     sub.graph.lint()
     sub.recompile()
@@ -552,6 +553,23 @@ def _failed(space, ids: list[int], what: str) -> str:
     return (f"the sub-network fxoto wrote for erasing groups {ids} ({named}) is broken: {what}. This is a bug in "
             f"fxoto's rewrite, not in the model; the super-network is untouched. Keep these groups (erase others), "
             f"and please report it with the model.")
+
+
+def _drop_unread_tensors(sub: fx.GraphModule) -> None:
+    """Delete the parameters and buffers that no node reads any more: an erased group's bias table
+    read by indexing (``biases[:, idxs]``) belongs to a module that stays, holding layers that are
+    called, so ``delete_all_unused_submodules`` keeps it, and every tensor of its own with it."""
+    read: set[int] = set()
+    for node in sub.graph.nodes:
+        if node.op == "get_attr":
+            read.add(id(fetch_attr(sub, node.target)))
+        elif node.op == "call_module":
+            module = sub.get_submodule(node.target)
+            read.update(id(t) for t in itertools.chain(module.parameters(), module.buffers()))
+    for module in sub.modules():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and id(t) not in read:
+                delattr(module, name)
 
 
 def _copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fxoto
 from fxoto.segments import is_data
 from strategies import supernets, valid_removals
-from util import segment_ends
+from util import assert_groups_leave, segment_ends
 
 
 def build(model, x):
@@ -86,6 +86,7 @@ def check_subnet(model, x, ids, space):
     n_sub = sum(p.numel() for p in sub.parameters())
     if ids:
         assert n_sub < n_super
+    assert_groups_leave(space, ids, sub)
     # The rewrite leaves no joint with a single input (the strategy draws none).
     for node in sub.graph.nodes:
         if node.op == "call_function" and node.target is torch.cat:

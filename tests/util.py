@@ -71,3 +71,25 @@ def segment_ends(space, x, ids=None) -> dict[int, torch.Tensor]:
     with torch.no_grad():
         cap.run(*(x if isinstance(x, tuple) else (x,)))
     return {ends[name]: value for name, value in cap.values.items()}
+
+
+def removed_numel(space, ids) -> int:
+    """How many of the model's variables the groups ``ids`` hold: each element counted once,
+    however many members (a tensor under two names, overlapping slices) reach it."""
+    params = dict(space.model.named_parameters(remove_duplicate=False))
+    masks: dict[int, torch.Tensor] = {}
+    for i in ids:
+        for m in space.groups[i].members:
+            p = params[m.param]
+            mask = masks.setdefault(id(p), torch.zeros(p.shape, dtype=torch.bool))
+            (mask if m.dim is None else mask.narrow(m.dim, m.start, m.stop - m.start)).fill_(True)
+    return sum(int(mask.sum()) for mask in masks.values())
+
+
+def assert_groups_leave(space, ids, sub) -> None:
+    """Every group counted as removed leaves the sub-network: it holds at most the super-network's
+    parameters less the removed groups' variables."""
+    n_super = sum(p.numel() for p in space.model.parameters())
+    n_sub = sum(p.numel() for p in sub.parameters())
+    removed = removed_numel(space, ids)
+    assert n_sub <= n_super - removed, f"{n_sub} parameters left of {n_super}, {removed} of them in groups {ids}"
