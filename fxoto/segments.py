@@ -532,11 +532,12 @@ class SplitPiece:
     inputs it comes from, an enclosing concat's input included); the part is *emptied* when each
     channel has an erased owner.  ``nodes``: what then carries nothing, the part's items and
     what reads them alone, up to the concat joints that take them (which drop them); the
-    segments made of those nodes alone (``whole``) go with them, and a segment they share with
-    other nodes (``partial``) must be erased by the removal itself.  ``readers``: (stem, its
-    segment) of the convolutions and linear layers that read the part: a layer reading nothing
-    would put out its bias alone, which a zero-width layer does not, so such a reader must be
-    erased too.  ``problem``: why emptying the part is never exact (None: it can be).
+    segments made of those nodes alone (``whole``) go with them; a segment they share with
+    other nodes (``partial``) is left reading nothing.  ``readers``: (stem, its segment) of the
+    convolutions and linear layers that read the part, left reading nothing too: such a layer
+    would put out its bias alone, which a zero-width layer does not, so a segment left reading
+    nothing must be erased or no longer reach the output (``SearchSpace.emptied``).
+    ``problem``: why emptying the part is never exact (None: it can be).
     """
 
     split: str

@@ -47,7 +47,7 @@ def _erased_nodes(space, ids) -> set[str]:
     split parts left with no channel (``SearchSpace.emptied``) up to the concats that drop them."""
     segments, _ = space.channel_erasures(ids)
     segments |= {space.groups[i].segment for i in ids if space.groups[i].kind == "operation"}
-    gone, pieces, _ = space.emptied(segments)
+    gone, pieces, _, _ = space.emptied(segments)
     return ({name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
             | {name for s in gone for name in space.segments[s].nodes}
             | {name for piece in pieces for name in piece.nodes})

@@ -9,11 +9,14 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
 from fxoto.errors import FxotoError, SubnetCheckError
-from util import randomize_
+from strategies import emptied_parts, supernets, valid_removals
+from util import assert_groups_leave, randomize_
 
 
 class MixBlock(nn.Module):
@@ -135,7 +138,8 @@ def test_a_pointwise_branch_takes_its_depthwise_part_along(mixnet):
 
 def test_a_part_read_by_a_convolution_goes_only_with_it():
     """Emptying a part that a 1x1 convolution reads would leave that convolution reading nothing
-    (its output: its bias alone): refused, unless the convolution's own group goes too."""
+    (its output: its bias alone) while it still feeds the output: refused, unless the
+    convolution's own group goes too."""
     torch.manual_seed(0)
     model = randomize_(MixPointwise()).eval()
     x = torch.randn(2, 8, 6, 6)
@@ -143,7 +147,7 @@ def test_a_part_read_by_a_convolution_goes_only_with_it():
     assert [g.nodes[-1] for g in space.groups] == ["pw_0", "pw_1", "pwl_0", "pwl_1"]
     for pw, pwl in ((0, 2), (1, 3)):
         problem = space.removal_problem([pw])
-        assert problem is not None and f"part {pw} of node 'split'" in problem and f"'pwl_{pw}' reads it" in problem
+        assert problem is not None and f"part {pw} of node 'split'" in problem and f"node 'pwl_{pw}' would read nothing" in problem
         sub = check_exact(model, x, space, [pw, pwl])
         assert sub.bn1.num_features == sub.dw.groups == sub.bn2.num_features == 12
     assert not space.is_valid_removal([0, 3]) and not space.is_valid_removal([2, 3])
@@ -165,7 +169,7 @@ def test_a_broken_rewrite_raises_and_leaves_the_super_network_alone(mixnet, monk
     if broken == "per_channel":
         monkeypatch.setattr("fxoto.subnet._slice_per_channel", lambda gm, node, drop: None)
     else:
-        monkeypatch.setattr(type(space), "emptied", lambda self, erased: (set(erased), [], None))
+        monkeypatch.setattr(type(space), "emptied", lambda self, erased: (set(erased), [], {}, None))
     before = _state(model)
     with torch.no_grad():
         expected = model(x)
@@ -178,3 +182,29 @@ def test_a_broken_rewrite_raises_and_leaves_the_super_network_alone(mixnet, monk
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+# -- random super-networks whose every concat is split again -------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(supernets(split_every_cat=True), st.sampled_from(["operations", "both"]), st.data())
+def test_random_mixed_convolutions(net, structures, data):
+    """Every concat split again (at the branches' bounds, anywhere, or chunked) into depthwise
+    convolutions, norms, activations and 1x1 convolutions: each single removal that the validity
+    check accepts, and a random valid one, gives a sub-network equal to the zeroed super-network
+    and no larger than it less the removed groups; each refused one says why."""
+    model, x = net
+    space = fxoto.build_space(model, (x,), structures=structures)
+    operations = [g.id for g in space.groups if g.kind == "operation"]
+    for i in operations:
+        problem = space.removal_problem([i])
+        if problem is not None:
+            assert "node '" in problem
+            continue
+        event(emptied_parts(space, [i]))
+        sub = check_exact(model, x, space, [i])
+        assert_groups_leave(space, [i], sub)
+    ids = data.draw(valid_removals(space))
+    event(f"{structures}: " + emptied_parts(space, ids))
+    assert_groups_leave(space, ids, check_exact(model, x, space, ids))
