@@ -17,6 +17,7 @@ If an op has no meta kernel, the whole graph is run on real tensors instead
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -423,7 +424,33 @@ def propagate_shapes(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[
         raise ExampleInputError(_explain(graph, root, example_inputs, failure)) from failure.error
 
 
-def _describe(node: fx.Node, root: nn.Module) -> str:
+def propagate_again(graph: fx.Graph, root: nn.Module) -> tuple[fx.Node | None, Exception] | None:
+    """Propagate the shapes of a rewritten ``graph`` from the example inputs its placeholders
+    keep (``EXAMPLE``): on meta, or, where an op has no meta kernel, on zeros of those shapes on
+    the device of ``root``'s tensors (buffers cloned).  Returns the node that failed and its
+    error, or None (also when a placeholder keeps no example: nothing to run)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not all(EXAMPLE in n.meta for n in placeholders):
+        return None
+    inputs = [n.meta[EXAMPLE] for n in placeholders]
+    try:
+        with torch.no_grad():
+            _walk(graph, root, inputs, meta=True)
+        return None
+    except _NodeFailure:
+        pass
+    device = next(itertools.chain(root.parameters(), root.buffers()), torch.empty(0)).device
+    zeros = [torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, Tensor) else x for x in inputs]
+    cloned = {k: v.detach().clone() for k, v in root.named_buffers(remove_duplicate=False)}
+    try:
+        with torch.no_grad(), _reparametrize_module(root, cloned):
+            _walk(graph, root, zeros, meta=False)
+    except _NodeFailure as failure:
+        return failure.node, failure.error
+    return None
+
+
+def describe(node: fx.Node, root: nn.Module) -> str:
     """``node 'cat_3' (torch.cat, in module 'cells.2': Cell)``."""
     if node.op == "call_module":
         return f"node '{node.name}' (module '{node.target}': {type(submodule(root, node.target)).__name__})"
@@ -457,7 +484,7 @@ def _explain(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[Any], fa
         where = f"at its inputs ({failure})"
     else:
         seen = [str(list(n.meta[SHAPE])) for n in node.all_input_nodes if isinstance(n.meta.get(SHAPE), torch.Size)]
-        where = f"at {_describe(node, root)}, which saw inputs of shapes {', '.join(seen) or 'none'}: {failure}"
+        where = f"at {describe(node, root)}, which saw inputs of shapes {', '.join(seen) or 'none'}: {failure}"
     first = _first_layer(graph, root)
     return (
         f"the example inputs ({given}) do not run through {model}: it fails {where}. "

@@ -14,12 +14,17 @@
    per-channel factors of products (``cat(...) * gamma``); a weight read at
    several places is sliced per place where the places differ; a channel
    shuffle that lost channels becomes ``index_select`` with the kept
-   permutation, a ``chunk`` / ``split`` a ``torch.split`` with the kept counts;
+   permutation, a ``chunk`` / ``split`` a ``torch.split`` with the kept counts,
+   and a part of it left with no channel goes with what reads it alone, up to
+   the concat that drops it (``SearchSpace.emptied``);
 3. a joint left with one input becomes that input, vertices that no longer
    reach the output go (dead-code elimination), in-place ops whose input
    others also read become out-of-place (an ``add`` that vanished must not
    let a later in-place op mutate a tensor that others read), then ``lint()``
-   and ``recompile()``.
+   and ``recompile()``; the parameters and buffers no node reads go;
+4. the sub-network's shapes are propagated on ``meta`` and its output shapes
+   compared with the super-network's: a failure raises ``SubnetCheckError``,
+   never hands out a network that breaks when it is called.
 
 The result owns fresh, smaller parameters; the super-network is not touched.
 """
@@ -39,7 +44,7 @@ from torch import nn
 from fxoto.errors import InvalidRemovalError, SubnetCheckError
 from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
-from fxoto.shapes import EXAMPLE, SHAPE, _describe, fetch_attr, _NodeFailure, _reparametrize_module, _walk
+from fxoto.shapes import SHAPE, describe, fetch_attr, propagate_again
 
 
 def _erased_nodes(space, ids) -> set[str]:
@@ -507,19 +512,15 @@ def _check(sub: fx.GraphModule, space, ids: list[int]) -> None:
     """Raise ``SubnetCheckError`` unless the sub-network runs on the example inputs' shapes and
     gives the super-network's output shapes, with no tensor emptied that was not empty.
 
-    The shapes go through on the ``meta`` device (``fxoto.shapes``: no arithmetic); where an op
-    has no meta kernel, on zeros of the example shapes.  The sub-network's ``node.meta["shape"]``
-    are its own afterwards.  Every failure is a bug in the rewrite, never the user's.
+    The shapes go through on the ``meta`` device (``fxoto.shapes``: no arithmetic), so the check
+    costs little; the sub-network's ``node.meta["shape"]`` are its own afterwards.  Every failure
+    is a bug in the rewrite, never the user's.
     """
-    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    if not all(EXAMPLE in n.meta for n in placeholders):
-        return  # a graph not traced by fxoto: no example to check with
-    inputs = [n.meta[EXAMPLE] for n in placeholders]
-    try:
-        with torch.no_grad():
-            _walk(sub.graph, sub, inputs, meta=True)
-    except _NodeFailure:
-        _check_on_zeros(sub, space, ids, inputs)
+    failed = propagate_again(sub.graph, sub)
+    if failed is not None:
+        node, error = failed
+        where = describe(node, sub) if node is not None else "its inputs"
+        raise SubnetCheckError(_failed(space, ids, f"it fails at {where}: {type(error).__name__}: {error}")) from error
     before = {n.name: n.meta.get(SHAPE) for n in space.gm.graph.nodes}
     for node in sub.graph.nodes:
         shape, old = node.meta.get(SHAPE), before.get(node.name)
@@ -527,21 +528,8 @@ def _check(sub: fx.GraphModule, space, ids: list[int]) -> None:
             raise SubnetCheckError(_failed(space, ids, f"its output has shape {_text(shape)}, the super-network's "
                                                        f"{_text(old)}"))
         if isinstance(shape, torch.Size) and 0 in shape and isinstance(old, torch.Size) and 0 not in old:
-            raise SubnetCheckError(_failed(space, ids, f"{_describe(node, sub)} is left with shape {list(shape)}, "
+            raise SubnetCheckError(_failed(space, ids, f"{describe(node, sub)} is left with shape {list(shape)}, "
                                                        f"an empty tensor (the super-network's: {list(old)})"))
-
-
-def _check_on_zeros(sub: fx.GraphModule, space, ids: list[int], inputs: list) -> None:
-    """``_check``'s walk on real zeros, for a graph with an op that has no meta kernel."""
-    device = next(itertools.chain(sub.parameters(), sub.buffers()), torch.empty(0)).device
-    zeros = [torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, torch.Tensor) else x for x in inputs]
-    cloned = {k: v.detach().clone() for k, v in sub.named_buffers(remove_duplicate=False)}
-    try:
-        with torch.no_grad(), _reparametrize_module(sub, cloned):
-            _walk(sub.graph, sub, zeros, meta=False)
-    except _NodeFailure as failure:
-        where = _describe(failure.node, sub) if failure.node is not None else "its inputs"
-        raise SubnetCheckError(_failed(space, ids, f"it fails at {where}: {failure}")) from failure.error
 
 
 def _text(shape) -> str:
