@@ -77,12 +77,18 @@ def removed_numel(space, ids) -> int:
     """How many of the model's variables the groups ``ids`` hold: each element counted once,
     however many members (a tensor under two names, overlapping slices) reach it."""
     params = dict(space.model.named_parameters(remove_duplicate=False))
-    masks: dict[int, torch.Tensor] = {}
+    rows: dict[tuple[int, int | None], list[int]] = {}  # (tensor, dim): indices along it (dim None: all)
     for i in ids:
         for m in space.groups[i].members:
-            p = params[m.param]
-            mask = masks.setdefault(id(p), torch.zeros(p.shape, dtype=torch.bool))
-            (mask if m.dim is None else mask.narrow(m.dim, m.start, m.stop - m.start)).fill_(True)
+            rows.setdefault((id(params[m.param]), m.dim), []).extend(range(m.start, m.stop))
+    tensors = {id(p): p for p in params.values()}
+    masks: dict[int, torch.Tensor] = {}
+    for (key, dim), indices in rows.items():
+        mask = masks.setdefault(key, torch.zeros(tensors[key].shape, dtype=torch.bool))
+        if dim is None:
+            mask.fill_(True)
+        else:
+            mask.index_fill_(dim, torch.tensor(sorted(set(indices)), dtype=torch.long), True)
     return sum(int(mask.sum()) for mask in masks.values())
 
 
