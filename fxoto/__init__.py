@@ -8,6 +8,7 @@ from fxoto.errors import (
     KTooLargeError,
     NoSearchSpaceError,
     NonFiniteGradientError,
+    SubnetCheckError,
     UnknownGroupError,
     UntraceableModelError,
 )
@@ -24,6 +25,6 @@ __all__ = [
     "DEFAULT_TABLE", "Channel", "DeviceError", "DistributedSetupError", "ExampleInputError", "FxotoError", "GeZIG",
     "GroupStats", "H2SPG", "InvalidRemovalError", "Joint", "KTooLargeError", "Member", "MixedPrecisionError",
     "NoSearchSpaceError", "NonFiniteGradientError", "OpRule", "OpTable", "RankMismatchError", "Role", "Search",
-    "SearchSpace", "UnknownGroupError", "UntraceableModelError", "Zero", "build_space", "half_space_project",
-    "redundancy_score", "reference_score", "search",
+    "SearchSpace", "SubnetCheckError", "UnknownGroupError", "UntraceableModelError", "Zero", "build_space",
+    "half_space_project", "redundancy_score", "reference_score", "search",
 ]

@@ -50,3 +50,8 @@ class DeviceError(FxotoError):
 class InPlaceError(FxotoError):
     """The sub-network cannot be built in the model's own modules (``construct_subnet(in_place=True)``);
     the model is left as it was."""
+
+
+class SubnetCheckError(FxotoError):
+    """The sub-network fxoto wrote does not run, or does not give the super-network's output
+    shapes: a bug in the rewrite, caught before the sub-network is handed out."""

@@ -521,3 +521,100 @@ def cut_segments(graph: fx.Graph) -> list[Segment]:
         for n in chain:
             n.meta[SEGMENT] = i
     return segments
+
+
+@dataclass(frozen=True)
+class SplitPiece:
+    """One part of a ``chunk`` / ``split`` that follows a concat's channels, and what goes with it
+    when every one of its channels is removed (DESIGN 6).
+
+    ``owners``: per channel of the part, the segments whose erasure removes it (the concats'
+    inputs it comes from, an enclosing concat's input included); the part is *emptied* when each
+    channel has an erased owner.  ``nodes``: what then carries nothing, the part's items and
+    what reads them alone, up to the concat joints that take them (which drop them); the
+    segments made of those nodes alone (``whole``) go with them; a segment they share with
+    other nodes (``partial``) is left reading nothing.  ``readers``: (stem, its segment) of the
+    convolutions and linear layers that read the part, left reading nothing too: such a layer
+    would put out its bias alone, which a zero-width layer does not, so a segment left reading
+    nothing must be erased or no longer reach the output (``SearchSpace.emptied``).
+    ``problem``: why emptying the part is never exact (None: it can be).
+    """
+
+    split: str
+    index: int
+    owners: frozenset[frozenset[int]]
+    nodes: tuple[str, ...]
+    whole: frozenset[int]
+    partial: frozenset[int]
+    readers: tuple[tuple[str, int], ...]
+    problem: str | None = None
+
+
+def _part_owners(graph: fx.Graph) -> dict[str, list[set[int]]]:
+    """Per split followed by a concat's region: per input channel, the segments that own it."""
+    owners: dict[str, list[set[int]]] = {}
+    nodes = {n.name: n for n in graph.nodes}
+    for cat in graph.nodes:
+        region: ChannelRegion | None = cat.meta.get(REGION)
+        if region is None or not is_joint(cat):
+            continue
+        for name, dim, positions in region.splits:
+            split = nodes[name]
+            table = owners.setdefault(name, [set() for _ in range(split.args[0].meta[SHAPE][dim])])
+            for src, off, size in zip(cat.args[0], region.offsets, region.sizes):
+                for p in source_indices(positions, off, size):
+                    table[p].add(src.meta[SEGMENT])
+    return owners
+
+
+def split_pieces(graph: fx.Graph, segments: list[Segment]) -> list[SplitPiece]:
+    """The parts of the splits after concats that a removal can empty (``SplitPiece``), in graph order.
+
+    Needs ``annotate_rules`` and ``cut_segments`` first.  A part with a channel that no
+    concat's input owns is never emptied and is left out.
+    """
+    pieces = []
+    nodes = {n.name: n for n in graph.nodes}
+    for name, table in _part_owners(graph).items():
+        split = nodes[name]
+        dim = _split_dim(split) % len(split.args[0].meta[SHAPE])
+        bounds = [0]
+        for part in split.meta[SHAPE]:
+            bounds.append(bounds[-1] + part[dim])
+        for index, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            owners = table[lo:hi]
+            if hi == lo or not all(owners):
+                continue
+            items = [u for u in users(split) if u.args[1] == index]
+            pieces.append(_piece(split, index, frozenset(map(frozenset, owners)), items, segments, nodes))
+    return pieces
+
+
+def _piece(split: fx.Node, index: int, owners, items: list[fx.Node], segments: list[Segment],
+           nodes: dict[str, fx.Node]) -> SplitPiece:
+    """Walk from a part's items to the concat joints and stems that read it (``SplitPiece``)."""
+    found, readers, problem = {}, [], None
+    stack = list(items)
+    while stack:
+        node = stack.pop()
+        if node in found:
+            continue
+        found[node] = None
+        for user in users(node):
+            if not is_data(user):
+                continue  # a size read, for a shuffle's views: dead with them
+            rule = user.meta[RULE]
+            if is_joint(user) and rule.joint is Joint.CAT:
+                continue
+            if rule.channel is Channel.CONSUME:
+                readers.append((user.name, user.meta[SEGMENT]))
+            elif user.op == "output" or data_inputs(user) != [node]:
+                problem = problem or (f"it reaches node '{user.name}', which is neither a concat joint that could "
+                                      f"drop it nor an op on it alone")
+            else:
+                stack.append(user)
+    names = {n.name for n in found}
+    touched = {n.meta[SEGMENT] for n in found}
+    whole = frozenset(s for s in touched if all(n in names for n in segments[s].nodes if nodes[n].meta.get(LIVE)))
+    return SplitPiece(split.name, index, owners, tuple(names), whole, frozenset(touched - whole),
+                      tuple(dict.fromkeys(readers)), problem)

@@ -17,6 +17,7 @@ If an op has no meta kernel, the whole graph is run on real tensors instead
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from fxoto.errors import ExampleInputError
 
 SHAPE = "shape"  # node.meta key: torch.Size, tuple of those, or None
+EXAMPLE = "fxoto.example"  # node.meta key of a placeholder: its example input, on the meta device
 CONSTANT = "fxoto.constant"  # node.meta key of a get_attr node: the tensor it reads, made in forward
 
 Rule = Callable[..., Tensor | None]  # (args, kwargs[, module]) -> meta output, or None to run the op
@@ -60,6 +62,8 @@ def _conv(args, kwargs, m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor | None:
     if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x, w = args[0], m.weight
+    if m.groups < 1:
+        raise ValueError("non-positive groups is not supported")  # as the kernel says; meta does not check
     nd = w.dim() - 2
     padding = (0,) * nd if m.padding == "valid" else m.padding
     if isinstance(padding, str) or m.padding_mode != "zeros" or x.dim() not in (nd + 1, nd + 2) or x.dtype != w.dtype:
@@ -252,6 +256,17 @@ _METHOD_RULES: dict[str, Rule] = {
 # -- the walk ----------------------------------------------------------------------
 
 
+def _keeps_width(module: nn.Module, x: Tensor) -> bool:
+    """A per-channel module's variables fit its input (else it is run on meta, which checks them)."""
+    width = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        width = module.num_parameters
+    if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        return tuple(x.shape[x.dim() - len(shape):]) == shape
+    return width is None or (x.dim() >= 2 and x.shape[1] == width)
+
+
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Tensor):
         return torch.empty_like(value, device="meta")
@@ -338,6 +353,7 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                     value = next(args_iter, node.args[0] if node.args else _MISSING)
                     if value is _MISSING:
                         raise RuntimeError(f"Expected positional argument for parameter {target}, but one was not passed in!")
+                node.meta[EXAMPLE] = _to_meta(value)
             elif op == "get_attr":
                 value = attr_value(node, root)
                 if meta:
@@ -354,7 +370,8 @@ def _walk(graph: fx.Graph, root: nn.Module, inputs: Sequence[Any], meta: bool) -
                         rule = _MODULE_RULES.get(type(module))
                         if rule is not None:
                             value = rule(args, kwargs, module)
-                        elif isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor):
+                        elif (isinstance(module, _SHAPE_KEEPING) and args and isinstance(args[0], Tensor)
+                              and _keeps_width(module, args[0])):
                             value = args[0]
                     if value is None:
                         value = _run_on_meta(module, args, kwargs) if meta else module(*args, **kwargs)
@@ -407,7 +424,33 @@ def propagate_shapes(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[
         raise ExampleInputError(_explain(graph, root, example_inputs, failure)) from failure.error
 
 
-def _describe(node: fx.Node, root: nn.Module) -> str:
+def propagate_again(graph: fx.Graph, root: nn.Module) -> tuple[fx.Node | None, Exception] | None:
+    """Propagate the shapes of a rewritten ``graph`` from the example inputs its placeholders
+    keep (``EXAMPLE``): on meta, or, where an op has no meta kernel, on zeros of those shapes on
+    the device of ``root``'s tensors (buffers cloned).  Returns the node that failed and its
+    error, or None (also when a placeholder keeps no example: nothing to run)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if not all(EXAMPLE in n.meta for n in placeholders):
+        return None
+    inputs = [n.meta[EXAMPLE] for n in placeholders]
+    try:
+        with torch.no_grad():
+            _walk(graph, root, inputs, meta=True)
+        return None
+    except _NodeFailure:
+        pass
+    device = next(itertools.chain(root.parameters(), root.buffers()), torch.empty(0)).device
+    zeros = [torch.zeros(x.shape, dtype=x.dtype, device=device) if isinstance(x, Tensor) else x for x in inputs]
+    cloned = {k: v.detach().clone() for k, v in root.named_buffers(remove_duplicate=False)}
+    try:
+        with torch.no_grad(), _reparametrize_module(root, cloned):
+            _walk(graph, root, zeros, meta=False)
+    except _NodeFailure as failure:
+        return failure.node, failure.error
+    return None
+
+
+def describe(node: fx.Node, root: nn.Module) -> str:
     """``node 'cat_3' (torch.cat, in module 'cells.2': Cell)``."""
     if node.op == "call_module":
         return f"node '{node.name}' (module '{node.target}': {type(submodule(root, node.target)).__name__})"
@@ -441,7 +484,7 @@ def _explain(graph: fx.Graph, root: nn.Module, example_inputs: Sequence[Any], fa
         where = f"at its inputs ({failure})"
     else:
         seen = [str(list(n.meta[SHAPE])) for n in node.all_input_nodes if isinstance(n.meta.get(SHAPE), torch.Size)]
-        where = f"at {_describe(node, root)}, which saw inputs of shapes {', '.join(seen) or 'none'}: {failure}"
+        where = f"at {describe(node, root)}, which saw inputs of shapes {', '.join(seen) or 'none'}: {failure}"
     first = _first_layer(graph, root)
     return (
         f"the example inputs ({given}) do not run through {model}: it fails {where}. "

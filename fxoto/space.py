@@ -26,8 +26,8 @@ from fxoto.errors import InvalidRemovalError, KTooLargeError, UnknownGroupError
 from fxoto.groups import (ChannelGroupSet, Exclusion, GeZIG, Member,  # noqa: F401 (re-exported: fxoto.space.GeZIG ...)
                           _collector_paused, _ranges)
 from fxoto.roles import Joint, Role, Zero
-from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, data_inputs, is_joint,
-                            own_parameters, runs, source_indices, users)
+from fxoto.segments import (LIVE, REFUSED, REGION, RULE, SEGMENT, ChannelRegion, Segment, SplitPiece, data_inputs,
+                            is_joint, own_parameters, runs, source_indices, split_pieces, users)
 from fxoto.shapes import SHAPE, submodule
 from fxoto.trace import graph_module
 
@@ -332,11 +332,51 @@ class SearchSpace:
         """Some call of the stem's module (``ChannelLayer.again``) lies outside the ``erased`` segments."""
         return any(self._segment_of_node.get(name) not in erased for name in (stem, *self.layers[stem].again))
 
+    @functools.cached_property
+    def _pieces(self) -> list[SplitPiece]:
+        return split_pieces(self.graph, self.segments)
+
+    def emptied(self, erased: set[int]) -> tuple[set[int], list[SplitPiece], dict[int, str], str | None]:
+        """The parts of splits after concats that erasing the ``erased`` segments leaves without
+        a channel (DESIGN 6): the segments then gone (``erased`` and the parts' own), the parts,
+        the segments left reading nothing (a stem that read such a part alone, by segment: why)
+        and why the removal is refused, or None.
+
+        An emptied part is erased up to the concat joints that take it, which drop it as they
+        drop an erased input; a part emptied that way may empty a later split's part in turn.
+        A segment left reading nothing is unfed: valid only where it no longer reaches the output.
+        """
+        gone, found, starved = set(erased), [], {}
+        grew = bool(self._pieces)
+        while grew:
+            grew = False
+            for piece in self._pieces:
+                if piece in found or not all(owners & gone for owners in piece.owners):
+                    continue
+                what = f"removing them leaves part {piece.index} of node '{piece.split}' with no channel"
+                if piece.problem is not None:
+                    return gone, found, starved, f"{what}: {piece.problem}"
+                readers = {segment: stem for stem, segment in reversed(piece.readers)}
+                for segment in piece.partial | set(readers):
+                    name = readers.get(segment, self.segments[segment].nodes[0])
+                    starved.setdefault(segment, (
+                        f"{what}, and node '{name}' would read nothing but still feeds the output: a layer that "
+                        f"reads nothing puts out its bias, which a layer of zero width does not; erase '{name}' "
+                        f"with that part, or keep a channel of it"))
+                found.append(piece)
+                gone |= piece.whole
+                grew = True
+        return gone, found, {s: why for s, why in starved.items() if s not in gone}, None
+
     def _graph_problem(self, erased: set[int]) -> str | None:
-        """DESIGN 4 on the dependency graph of segments, ``erased`` gone."""
+        """DESIGN 4 on the dependency graph of segments, ``erased`` gone (and the split parts
+        that this empties, ``emptied``).  A segment that reads nothing is not fed."""
+        erased, _, starved, problem = self.emptied(erased)
+        if problem is not None:
+            return problem
         fed = [False] * len(self.segments)
         for seg in self.segments:  # segments are in topological order
-            if seg.id in erased:
+            if seg.id in erased or seg.id in starved:
                 continue
             if seg.kind == "source":
                 fed[seg.id] = True
@@ -353,6 +393,8 @@ class SearchSpace:
                     reach.add(i)
                     stack.append(i)
         for s in sorted(reach):
+            if s in starved:
+                return starved[s]
             if not fed[s]:
                 return f"node '{self.segments[s].nodes[0]}' would lose all of its inputs but still feeds the output"
         return None

@@ -14,12 +14,17 @@
    per-channel factors of products (``cat(...) * gamma``); a weight read at
    several places is sliced per place where the places differ; a channel
    shuffle that lost channels becomes ``index_select`` with the kept
-   permutation, a ``chunk`` / ``split`` a ``torch.split`` with the kept counts;
+   permutation, a ``chunk`` / ``split`` a ``torch.split`` with the kept counts,
+   and a part of it left with no channel goes with what reads it alone, up to
+   the concat that drops it (``SearchSpace.emptied``);
 3. a joint left with one input becomes that input, vertices that no longer
    reach the output go (dead-code elimination), in-place ops whose input
    others also read become out-of-place (an ``add`` that vanished must not
    let a later in-place op mutate a tensor that others read), then ``lint()``
-   and ``recompile()``.
+   and ``recompile()``; the parameters and buffers no node reads go;
+4. the sub-network's shapes are propagated on ``meta`` and its output shapes
+   compared with the super-network's: a failure raises ``SubnetCheckError``,
+   never hands out a network that breaks when it is called.
 
 The result owns fresh, smaller parameters; the super-network is not touched.
 """
@@ -36,18 +41,22 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxoto.errors import InvalidRemovalError
+from fxoto.errors import InvalidRemovalError, SubnetCheckError
 from fxoto.patterns import rms_norm
 from fxoto.roles import Joint, is_transposed_linear
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
-from fxoto.shapes import SHAPE
+from fxoto.shapes import SHAPE, describe, fetch_attr, propagate_again
 
 
 def _erased_nodes(space, ids) -> set[str]:
-    """The operation groups' nodes, and the segments of stems that lose every channel."""
+    """The operation groups' nodes, the segments of stems that lose every channel, and the
+    split parts left with no channel (``SearchSpace.emptied``) up to the concats that drop them."""
     segments, _ = space.channel_erasures(ids)
+    segments |= {space.groups[i].segment for i in ids if space.groups[i].kind == "operation"}
+    gone, pieces, _, _ = space.emptied(segments)
     return ({name for i in ids if space.groups[i].kind == "operation" for name in space.groups[i].nodes}
-            | {name for s in segments for name in space.segments[s].nodes})
+            | {name for s in gone for name in space.segments[s].nodes}
+            | {name for piece in pieces for name in piece.nodes})
 
 
 def _channel_drops(space, ids) -> dict[str, set[int]]:
@@ -588,10 +597,64 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     sub.graph.eliminate_dead_code()
     _out_of_place(sub, readers)
     sub.delete_all_unused_submodules()
+    _drop_unread_tensors(sub)
     _own_tensors(sub, space.gm)
     sub.graph.lint()
     sub.recompile()
+    _check(sub, space, ids)
     return sub
+
+
+def _check(sub: fx.GraphModule, space, ids: list[int]) -> None:
+    """Raise ``SubnetCheckError`` unless the sub-network runs on the example inputs' shapes and
+    gives the super-network's output shapes, with no tensor emptied that was not empty.
+
+    The shapes go through on the ``meta`` device (``fxoto.shapes``: no arithmetic), so the check
+    costs little; the sub-network's ``node.meta["shape"]`` are its own afterwards.  Every failure
+    is a bug in the rewrite, never the user's.
+    """
+    failed = propagate_again(sub.graph, sub)
+    if failed is not None:
+        node, error = failed
+        where = describe(node, sub) if node is not None else "its inputs"
+        raise SubnetCheckError(_failed(space, ids, f"it fails at {where}: {type(error).__name__}: {error}")) from error
+    before = {n.name: n.meta.get(SHAPE) for n in space.gm.graph.nodes}
+    for node in sub.graph.nodes:
+        shape, old = node.meta.get(SHAPE), before.get(node.name)
+        if node.op == "output" and shape != old:
+            raise SubnetCheckError(_failed(space, ids, f"its output has shape {_text(shape)}, the super-network's "
+                                                       f"{_text(old)}"))
+        if isinstance(shape, torch.Size) and 0 in shape and isinstance(old, torch.Size) and 0 not in old:
+            raise SubnetCheckError(_failed(space, ids, f"{describe(node, sub)} is left with shape {list(shape)}, "
+                                                       f"an empty tensor (the super-network's: {list(old)})"))
+
+
+def _text(shape) -> str:
+    return str(list(shape)) if isinstance(shape, torch.Size) else str(shape)
+
+
+def _failed(space, ids: list[int], what: str) -> str:
+    named = ", ".join(str(space.groups[i]) for i in ids[:4]) + (", ..." if len(ids) > 4 else "")
+    return (f"the sub-network fxoto wrote for erasing groups {ids} ({named}) is broken: {what}. This is a bug in "
+            f"fxoto's rewrite, not in the model; the super-network is untouched. Keep these groups (erase others), "
+            f"and please report it with the model.")
+
+
+def _drop_unread_tensors(sub: fx.GraphModule) -> None:
+    """Delete the parameters and buffers that no node reads any more: an erased group's bias table
+    read by indexing (``biases[:, idxs]``) belongs to a module that stays, holding layers that are
+    called, so ``delete_all_unused_submodules`` keeps it, and every tensor of its own with it."""
+    read: set[int] = set()
+    for node in sub.graph.nodes:
+        if node.op == "get_attr":
+            read.add(id(fetch_attr(sub, node.target)))
+        elif node.op == "call_module":
+            module = sub.get_submodule(node.target)
+            read.update(id(t) for t in itertools.chain(module.parameters(), module.buffers()))
+    for module in sub.modules():
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and id(t) not in read:
+                delattr(module, name)
 
 
 def _copy_sharing_tensors(gm: fx.GraphModule) -> fx.GraphModule:

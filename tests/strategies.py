@@ -7,7 +7,10 @@ traces its loops away, so fxoto sees an ordinary DAG with:
 * conv blocks (conv, optional batch norm, optional activation), optionally
   pre-activated (batch norm, ReLU, conv: the DenseNet ``cat -> BN -> ReLU -> conv`` chain);
 * ``add`` joints of 2 to 4 branches, with or without an identity operand;
-* ``cat`` joints of 2 to 4 branches, optionally followed by batch norm and ReLU;
+* ``cat`` joints of 2 to 4 branches, optionally followed by batch norm and ReLU, and then
+  optionally split again (``torch.split`` with sizes, at the branches' bounds or anywhere, or
+  ``torch.chunk``) into parts read by depthwise convolutions, batch norms, activations or 1x1
+  convolutions and concatenated again (MixNet's mixed convolutions): a removal can empty a part;
 * pooling and upsampling steps, values with several consumers, nested and
   residual branches, and steps whose value nobody reads;
 * layers called at two or more places: a branch that reuses an earlier
@@ -52,6 +55,10 @@ class Step:
     identity: int | None = None  # for "add": an earlier value added as is
     source: int = 0  # for "pool" / "up"
     post_norm: bool = False  # for "cat": BN + ReLU after the concat
+    parts: tuple[int, ...] = ()  # for "cat": split the concat again into parts of these sizes ...
+    chunk: bool = False  # ... with torch.chunk(len(parts)) instead of torch.split(parts)
+    part_ops: tuple[str, ...] = ()  # what reads each part (PART_OPS), before the parts' concat
+    mix_norm: bool = False  # BN after the parts' concat
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,25 @@ class NetSpec:
         return sz
 
 
+PART_OPS = ("dw3", "dw5_bn", "bn_relu", "conv", "none")
+
+
+def _part_module(op: str, c: int) -> nn.Module:
+    """What reads one part of a split concat: depthwise convolutions, per-channel ops, a 1x1 convolution."""
+    if op == "dw3":
+        return nn.Conv2d(c, c, 3, padding=1, groups=c)
+    if op == "dw5_bn":
+        return nn.Sequential(nn.Conv2d(c, c, 5, padding=2, groups=c), nn.BatchNorm2d(c))
+    if op == "bn_relu":
+        return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+    return nn.Conv2d(c, c, 1) if op == "conv" else nn.Identity()
+
+
+def chunk_sizes(c: int, n: int) -> tuple[int, ...]:
+    """The sizes of ``torch.chunk`` of ``c`` channels into (at most) ``n`` parts."""
+    return tuple(len(part) for part in torch.arange(c).chunk(n))
+
+
 def _branch_module(b: Branch, in_ch: int, out_size: int, in_size: int) -> nn.Module:
     layers: list[nn.Module] = []
     if b.pre_act:
@@ -109,6 +135,7 @@ class RandomSupNet(nn.Module):
         ch, sz = spec.channels(), spec.sizes()
         self.branches = nn.ModuleList()
         self.post = nn.ModuleList()
+        self.parts = nn.ModuleList()
         for i, step in enumerate(spec.steps):
             out_size = sz[i + 1]
             modules = nn.ModuleList()
@@ -121,6 +148,8 @@ class RandomSupNet(nn.Module):
             self.branches.append(modules)
             post = nn.Sequential(nn.BatchNorm2d(ch[i + 1]), nn.ReLU()) if step.post_norm else nn.Identity()
             self.post.append(post)
+            parts = [_part_module(op, c) for op, c in zip(step.part_ops, step.parts)]
+            self.parts.append(nn.ModuleList(parts + ([nn.BatchNorm2d(ch[i + 1])] if step.mix_norm else [])))
         last_ch, last_sz = ch[-1], sz[-1]
         features = last_ch * last_sz * last_sz if spec.head_flatten else last_ch
         self.pool = nn.Identity() if spec.head_flatten else nn.AdaptiveAvgPool2d(1)
@@ -128,13 +157,19 @@ class RandomSupNet(nn.Module):
 
     def forward(self, x):
         values = [x]
-        for step, branches, post in zip(self.spec.steps, self.branches, self.post):
+        for step, branches, post, parts in zip(self.spec.steps, self.branches, self.post, self.parts):
             if step.kind == "pool":
                 values.append(nn.functional.max_pool2d(values[step.source], 3, 1, 1))
             elif step.kind == "up":
                 values.append(nn.functional.interpolate(values[step.source], scale_factor=2.0))
             elif step.kind == "cat":
-                values.append(post(torch.cat([_call(f, b, values) for f, b in zip(branches, step.branches)], 1)))
+                h = post(torch.cat([_call(f, b, values) for f, b in zip(branches, step.branches)], 1))
+                if step.parts:
+                    split = torch.chunk(h, len(step.parts), 1) if step.chunk else torch.split(h, list(step.parts), 1)
+                    h = torch.cat([parts[j](split[j]) for j in range(len(step.parts))], 1)
+                    if step.mix_norm:
+                        h = parts[-1](h)
+                values.append(h)
             else:
                 outs = [_call(f, b, values) for f, b in zip(branches, step.branches)]
                 total = values[step.identity] if step.identity is not None else outs.pop(0)
@@ -150,7 +185,7 @@ def _call(f: nn.Module, b: Branch, values: list[torch.Tensor]) -> torch.Tensor:
 
 
 @st.composite
-def net_specs(draw, max_steps: int = 6, max_width: int = 6) -> NetSpec:
+def net_specs(draw, max_steps: int = 6, max_width: int = 6, split_every_cat: bool = False) -> NetSpec:
     in_channels = draw(st.integers(1, 3))
     size = draw(st.integers(2, 6))
     steps: list[Step] = []
@@ -211,12 +246,33 @@ def net_specs(draw, max_steps: int = 6, max_width: int = 6) -> NetSpec:
         else:
             n = draw(st.integers(2, 4))
             step = Step("cat", branches(n), post_norm=draw(st.booleans()))
+            if split_every_cat or draw(st.integers(0, 2)) == 0:  # split again, MixNet's way
+                step = _split_again(draw, step)
         steps.append(step)
         if step.kind == "cat":
             cats.add(len(steps))
         spec = NetSpec(in_channels, size, tuple(steps), False, 2)
         ch, sz = spec.channels(), spec.sizes()
     return NetSpec(in_channels, size, tuple(steps), draw(st.booleans()), draw(st.integers(1, 3)))
+
+
+def _split_again(draw, step: Step) -> Step:
+    """The concat of ``step`` split again into 2 or more parts, each read by its own op."""
+    outs = [b.out for b in step.branches]
+    c = sum(outs)
+    how = draw(st.sampled_from(["bounds", "anywhere", "chunk"]))
+    if how == "bounds":  # each branch its own part: erasing a branch empties a part
+        parts = tuple(outs)
+    elif how == "anywhere" and c >= 2:
+        cuts = draw(st.sets(st.integers(1, c - 1), min_size=1, max_size=min(3, c - 1)))
+        bounds = [0, *sorted(cuts), c]
+        parts = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    else:
+        parts = chunk_sizes(c, draw(st.integers(2, 4)))
+    if len(parts) < 2:
+        return step
+    ops = tuple(draw(st.sampled_from(PART_OPS)) for _ in parts)
+    return replace(step, parts=parts, chunk=how == "chunk", part_ops=ops, mix_norm=draw(st.booleans()))
 
 
 @torch.no_grad()
@@ -245,6 +301,18 @@ def _randomized(draw, spec, build, dtype, batch) -> tuple[nn.Module, torch.Tenso
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(draw(batch), spec.in_channels, spec.size, spec.size, generator=g).to(dtype)
     return model, x
+
+
+def splits_after_concats(model: nn.Module) -> str:
+    """For hypothesis' ``event``: whether a drawn ``RandomSupNet`` splits a concat again."""
+    return f"a split after a concat: {'yes' if any(step.parts for step in model.spec.steps) else 'no'}"
+
+
+def emptied_parts(space, ids) -> str:
+    """For hypothesis' ``event``: whether a removal leaves a split's part with no channel."""
+    segments = {space.groups[i].segment for i in ids if space.groups[i].kind == "operation"}
+    segments |= space.channel_erasures(ids)[0]
+    return f"a part emptied: {'yes' if space.emptied(segments)[1] else 'no'}"
 
 
 @st.composite

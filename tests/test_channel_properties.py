@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import fxoto
 from strategies import chains, supernets, valid_removals
+from util import assert_groups_leave
 
 
 def check_exact(model, x, space, ids):
@@ -22,6 +23,7 @@ def check_exact(model, x, space, ids):
         (got - expected).abs().max()
     if ids:
         assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
+    assert_groups_leave(space, ids, sub)
 
 
 @settings(max_examples=40, deadline=None)

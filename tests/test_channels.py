@@ -10,8 +10,9 @@ from torch import nn
 import fxoto
 from fxoto.errors import InvalidRemovalError, KTooLargeError, NoSearchSpaceError
 from fxoto.optimizer import H2SPG
-from strategies import Branch, NetSpec, RandomSupNet, Step, randomize, supernets, valid_removals
-from util import randomize_
+from strategies import (Branch, NetSpec, RandomSupNet, Step, emptied_parts, randomize, splits_after_concats, supernets,
+                        valid_removals)
+from util import assert_groups_leave, randomize_
 
 
 def conv_bn_relu(i, o):
@@ -539,7 +540,10 @@ def test_random_supernets_mixed_removals_are_exact(data, structures):
     assert torch.allclose(got, expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=0)
     if ids:
         assert size(sub) < size(model)
+    assert_groups_leave(space, ids, sub)
     event(f"channel groups removed: {'some' if any(space.groups[i].kind == 'channel' for i in ids) else 'none'}")
+    event(splits_after_concats(model))
+    event(emptied_parts(space, ids))
 
 
 def test_summary_has_one_row_per_layer():

@@ -9,7 +9,7 @@ from torch import nn
 
 import fxoto
 from fxoto.shapes import SHAPE
-from util import real_shapes, segment_ends
+from util import assert_groups_leave, real_shapes, segment_ends
 from zoo_models import EXPECTED_COUNTS, NO_JOINT, TORCHVISION, build, input_size
 
 
@@ -93,6 +93,7 @@ def assert_random_removals_exact(case: Case, space, x: torch.Tensor, what: str, 
         assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=0), \
             f"{case.name} {what} seed {seed}: {(got - expected).abs().max()}"
         assert sum(p.numel() for p in sub.parameters()) < n_super
+        assert_groups_leave(space, ids, sub)
 
 
 # Channel groups counted by hand: resnet18's four residual streams (64 + 128 + 256 + 512) and its

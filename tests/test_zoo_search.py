@@ -5,7 +5,7 @@ import torch
 
 import fxoto
 from fxoto.zoo import DemoSupNet, StackedUnets, darts_8cells, super_resnet
-from util import randomize_
+from util import assert_groups_leave, randomize_
 
 SMALL = {
     "demosupnet": (lambda: DemoSupNet(stem_width=6, branch_width=4, mid_width=5, add_width=7), (1, 28, 28)),
@@ -29,8 +29,10 @@ def test_zoo_model_random_removals_are_exact(name):
         space.zero_(ids)
         with torch.no_grad():
             expected = model(x)
-            got = space.construct_subnet()(x)
+            sub = space.construct_subnet()
+            got = sub(x)
         assert torch.allclose(got, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=0)
+        assert_groups_leave(space, ids, sub)
 
 
 def test_erasing_the_second_towers_exit_erases_the_whole_tower():

@@ -71,3 +71,31 @@ def segment_ends(space, x, ids=None) -> dict[int, torch.Tensor]:
     with torch.no_grad():
         cap.run(*(x if isinstance(x, tuple) else (x,)))
     return {ends[name]: value for name, value in cap.values.items()}
+
+
+def removed_numel(space, ids) -> int:
+    """How many of the model's variables the groups ``ids`` hold: each element counted once,
+    however many members (a tensor under two names, overlapping slices) reach it."""
+    params = dict(space.model.named_parameters(remove_duplicate=False))
+    rows: dict[tuple[int, int | None], list[int]] = {}  # (tensor, dim): indices along it (dim None: all)
+    for i in ids:
+        for m in space.groups[i].members:
+            rows.setdefault((id(params[m.param]), m.dim), []).extend(range(m.start, m.stop))
+    tensors = {id(p): p for p in params.values()}
+    masks: dict[int, torch.Tensor] = {}
+    for (key, dim), indices in rows.items():
+        mask = masks.setdefault(key, torch.zeros(tensors[key].shape, dtype=torch.bool))
+        if dim is None:
+            mask.fill_(True)
+        else:
+            mask.index_fill_(dim, torch.tensor(sorted(set(indices)), dtype=torch.long), True)
+    return sum(int(mask.sum()) for mask in masks.values())
+
+
+def assert_groups_leave(space, ids, sub) -> None:
+    """Every group counted as removed leaves the sub-network: it holds at most the super-network's
+    parameters less the removed groups' variables."""
+    n_super = sum(p.numel() for p in space.model.parameters())
+    n_sub = sum(p.numel() for p in sub.parameters())
+    removed = removed_numel(space, ids)
+    assert n_sub <= n_super - removed, f"{n_sub} parameters left of {n_super}, {removed} of them in groups {ids}"
