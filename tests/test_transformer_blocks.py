@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxoto
+from util import assert_groups_leave
 
 
 class RMSNorm(nn.Module):
@@ -163,3 +164,4 @@ def test_random_transformer_blocks_are_exact_under_both_front_ends(drawn):
     for inp in (x, other):
         torch.testing.assert_close(sub(inp), supernet(inp), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in net.parameters())
+    assert_groups_leave(s, ids, sub)

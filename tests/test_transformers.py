@@ -19,6 +19,7 @@ from torch import nn
 
 import fxoto
 import fxoto.patterns
+from util import assert_groups_leave
 from fxoto.errors import UntraceableModelError
 
 transformers = pytest.importorskip("transformers")  # in the test extra; no skip where it is installed
@@ -112,6 +113,7 @@ def test_heads_neurons_and_operations_are_exact(name):
         for inp in (x, other):
             torch.testing.assert_close(_hidden(sub(inp)), _hidden(model(inp)), rtol=1e-4, atol=1e-5)
         assert sum(p.numel() for p in sub.parameters()) < before
+        assert_groups_leave(space, ids, sub)
         _check_head_counts(space, sub, ids, heads, kv_heads)
         model.load_state_dict(trained)
 
