@@ -38,8 +38,8 @@ from torch.utils import _pytree as pytree
 from fxoto.errors import InPlaceError
 from fxoto.patterns import rms_norm
 from fxoto.roles import DEFAULT_TABLE
-from fxoto.subnet import (_channel_drops, _erased_nodes, _head_cuts, _keep, _slice_in_place, _slice_param,
-                          _slice_per_channel, _slice_stem, construct_subnet)
+from fxoto.slicing import _keep, _slice_in_place, _slice_param, _slice_per_channel, _slice_stem
+from fxoto.subnet import _channel_drops, _erased_nodes, _head_cuts, construct_subnet
 
 # Attributes an attention module may keep its head counts in: what each counts.
 HEAD_COUNTS = {
