@@ -127,11 +127,14 @@ TIMM = {  # name: input size (224 where the model is built for it: fixed positio
 
 
 def timm_case(name: str) -> Case:
-    import timm
+    """A timm model, imported only when it is built (timm is in the bench extra, not the test extra)."""
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
 
     size = TIMM[name]
-    return Case(name, lambda: timm.create_model(name, pretrained=False).eval(), lambda: torch.randn(1, 3, size, size),
-                str(size), _timm_heads)
+    return Case(name, build, lambda: torch.randn(1, 3, size, size), str(size), _timm_heads)
 
 
 def hf_cases() -> list[Case]:
