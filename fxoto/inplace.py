@@ -40,6 +40,7 @@ from fxoto.patterns import rms_norm
 from fxoto.roles import DEFAULT_TABLE
 from fxoto.slicing import _keep, _slice_in_place, _slice_param, _slice_per_channel, _slice_stem
 from fxoto.subnet import _channel_drops, _erased_nodes, _head_cuts, construct_subnet
+from fxoto.uniform import blocks
 
 # Attributes an attention module may keep its head counts in: what each counts.
 HEAD_COUNTS = {
@@ -331,7 +332,9 @@ def _rewrite_config(model: nn.Module, space, ids) -> None:
              for a in space.attentions}
     width = getattr(config, "intermediate_size", None)
     drops = _channel_drops(space, ids)
-    kept = {layer.channels - len(drops.get(stem, ())) for stem, layer in space.layers.items() if layer.channels == width}
+    mlp = {stem for block in blocks(space, "channel") for stem, _ in space.slices[block[0]].rows}  # not the stream
+    kept = {space.layers[stem].channels - len(drops.get(stem, ())) for stem in mlp
+            if space.layers[stem].channels == width}
     uneven = [what for what, found in (("attention heads", heads), ("MLP neurons", kept)) if len(found) > 1]
     changes = {}
     if len(heads) == 1 and hasattr(config, "num_attention_heads"):
