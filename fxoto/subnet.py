@@ -46,7 +46,7 @@ from fxoto.roles import Joint
 from fxoto.segments import REGION, RULE, ChannelRegion, data_inputs, source_indices
 from fxoto.slicing import (_per_module, _slice_consumers, _slice_factors, _slice_per_channel, _slice_rms_norm,
                            _slice_stem)
-from fxoto.shapes import SHAPE, describe, fetch_attr, propagate_again
+from fxoto.shapes import CONSTANT, SHAPE, describe, fetch_attr, propagate_again
 
 
 def _erased_nodes(space, ids) -> set[str]:
@@ -348,6 +348,9 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _own_tensors(sub, space.gm)
     sub.graph.lint()
     sub.recompile()
+    for node in sub.graph.nodes:  # a tensor made in forward, sliced on the sub-network: its node holds the new one
+        if node.op == "get_attr" and CONSTANT in node.meta:
+            node.meta[CONSTANT] = fetch_attr(sub, node.target)
     _check(sub, space, ids)
     return sub
 
