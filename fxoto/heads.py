@@ -1,27 +1,32 @@
-"""Attention heads as groups (DESIGN 6b): one group per key/value head.
+"""Attention heads as groups (DESIGN 6b): key/value heads, and query heads inside their key/value group.
 
 ``find_head_groups`` follows the heads of every ``scaled_dot_product_attention``
 from the projections that make them to the projection that reads them:
 
-* a projection (an ``nn.Linear`` call) whose output is only viewed as [..., H, d]
-  (``view``/``reshape``) makes H heads of d features;
+* a projection (an ``nn.Linear`` or Hugging Face ``Conv1D`` call) whose output is only
+  viewed as [..., H, d] (``view``/``reshape``) makes H heads of d features; so does each
+  piece of a fused qkv projection, split along the features (GPT-2) or reshaped to
+  [..., 3, H, d], the 3 moved first and unbound (timm);
 * the heads are followed, head axis and all, through transposes, unsqueezes,
   the ``expand``/``reshape`` of grouped-query attention (a key/value head read by
   ``n_rep`` query heads), slices, concats and products that keep each head apart
   (rotary embeddings: ``q * cos + rotate_half(q) * sin`` with ``cos`` broadcast over
   the heads), into the attention's q, k and v;
 * the attention's output heads, merged back into features ([..., H * d]), are read by
-  one ``nn.Linear``, the output projection.
+  one linear layer, the output projection.
 
-Key/value head j's group holds the rows of k and v that make it, the q rows of the
-query heads that read it, and their columns of the output projection.  With v's rows
-zero, the head's output is zero whatever the softmax gives, so the output projection's
-columns read zeros and the rewrite can drop the head exactly: rows of q, k and v,
-columns of the output projection, and the head counts written in the views, expands
-and reshapes on the way (``HeadSize``).  An attention fxoto cannot follow this way
-(fused qkv projections, a head read elsewhere, per-head masks) is set aside with the
-node where following stopped.  Removing every head of an attention is refused
-(``SearchSpace.channel_erasures``: the projections would lose every row).
+Key/value head j's group holds the rows of k and v that make it: with v's rows zero, the
+head's output is zero whatever the softmax gives, so its query heads go with it.  Without
+grouped-query attention it also holds the head's q rows and output columns.  With it, each
+query head is a group of its own (q rows, output columns: a zero contribution whatever it
+computes) where the output projection's columns are at hand, else the query heads stay in
+their key/value head's group.  The rewrite drops rows of q, k and v, columns of the output
+projection, and writes the head counts in the views, expands, reshapes and splits on the way
+(``HeadSize``, ``Attention.split``), indexing k's and v's repeated heads down where query
+heads went unevenly.  An attention fxoto cannot follow this way (a head read elsewhere,
+per-head masks, attention not written as ``scaled_dot_product_attention``) is set aside with
+the node where following stopped.  Removing every head of an attention is refused
+(``SearchSpace.removal_problem``).
 """
 
 from __future__ import annotations
