@@ -58,8 +58,8 @@ def _other(node: fx.Node, one) -> object:
     return b if a is one else a if b is one else None
 
 
-def _match(r: fx.Node, root) -> tuple[fx.Node, fx.Node, float, object, list[fx.Node], fx.Node] | None:
-    """From ``rsqrt``: (x, weight node, eps, dtype, nodes to erase, output node), or None."""
+def _match(r: fx.Node, root) -> tuple[tuple, list[fx.Node], fx.Node] | None:
+    """From ``rsqrt``: (``rms_norm``'s arguments: x, weight node, eps, dtype; nodes to erase; output node), or None."""
     a = r.args[0]
     if not _is(a, _ADDS, "add") or a.kwargs or len(a.users) != 1:
         return None
@@ -104,11 +104,11 @@ def _match(r: fx.Node, root) -> tuple[fx.Node, fx.Node, float, object, list[fx.N
     weight = attr_value(w, root)
     if not isinstance(weight, torch.nn.Parameter) or tuple(weight.shape) != (shape[-1],):
         return None
-    return x, w, eps, dtype, chain, out
+    return (x, w, eps, dtype), chain, out
 
 
-def _match_gelu(t: fx.Node) -> tuple[fx.Node, float, float, list[fx.Node], fx.Node] | None:
-    """From ``tanh``: (x, scale, cubic, nodes to erase, output node) of ``gelu_tanh``'s pattern, or None."""
+def _match_gelu(t: fx.Node) -> tuple[tuple, list[fx.Node], fx.Node] | None:
+    """From ``tanh``: (``gelu_tanh``'s arguments: x, scale, cubic; nodes to erase; output node), or None."""
     def single(node):
         return isinstance(node, fx.Node) and len(node.users) == 1
 
@@ -133,27 +133,7 @@ def _match_gelu(t: fx.Node) -> tuple[fx.Node, float, float, list[fx.Node], fx.No
     h = out.args[0]
     if not (single(h) and _is(h, _MULS, "mul") and h.args[0] is x and h.args[1] == 0.5):
         return None
-    return x, u.args[1], w.args[1], [h, p, w, v, u, t, a], out
-
-
-def fold_gelus(graph: fx.Graph) -> int:
-    """Each tanh-approximated GELU written out (GPT-2's) as one ``gelu_tanh`` call; how many."""
-    folded = 0
-    for t in list(graph.nodes):
-        if t.graph is not graph or not _is(t, (torch.tanh,), "tanh"):
-            continue
-        found = _match_gelu(t)
-        if found is None:
-            continue
-        x, scale, cubic, chain, out = found
-        with graph.inserting_before(out):
-            call = graph.call_function(gelu_tanh, (x, scale, cubic))
-        call.meta = {k: v for k, v in out.meta.items() if k in (SHAPE, "nn_module_stack")}
-        out.replace_all_uses_with(call)
-        for node in reversed([*chain, out]):
-            graph.erase_node(node)
-        folded += 1
-    return folded
+    return (x, u.args[1], w.args[1]), [h, p, w, v, u, t, a], out
 
 
 def fold_patterns(graph: fx.Graph, root) -> None:
@@ -164,16 +144,29 @@ def fold_patterns(graph: fx.Graph, root) -> None:
 
 def fold_rms_norms(graph: fx.Graph, root) -> int:
     """Each RMSNorm written out in ``graph`` (module docstring) as one ``rms_norm`` call; how many."""
+    return _fold(graph, torch.rsqrt, "rsqrt", lambda r: _match(r, root), rms_norm)
+
+
+def fold_gelus(graph: fx.Graph) -> int:
+    """Each tanh-approximated GELU written out (GPT-2's) as one ``gelu_tanh`` call; how many."""
+    return _fold(graph, torch.tanh, "tanh", _match_gelu, gelu_tanh)
+
+
+def _fold(graph: fx.Graph, function, method: str, match, fn) -> int:
+    """Replace each match found from a call of ``function`` (or ``method``) by one call of ``fn``.
+
+    ``match(node)`` gives (``fn``'s arguments, the nodes it replaces, the output node) or None.
+    """
     folded = 0
-    for r in list(graph.nodes):
-        if r.graph is not graph or not _is(r, (torch.rsqrt,), "rsqrt"):
-            continue
-        found = _match(r, root)
+    for anchor in list(graph.nodes):
+        if anchor.graph is not graph or not _is(anchor, (function,), method):
+            continue  # erased with an earlier match, or not an anchor
+        found = match(anchor)
         if found is None:
             continue
-        x, w, eps, dtype, chain, out = found
+        args, chain, out = found
         with graph.inserting_before(out):
-            call = graph.call_function(rms_norm, (x, w, eps, dtype))
+            call = graph.call_function(fn, args)
         call.meta = {k: v for k, v in out.meta.items() if k in (SHAPE, "nn_module_stack")}
         out.replace_all_uses_with(call)
         for node in reversed([*chain, out]):
