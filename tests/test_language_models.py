@@ -25,36 +25,16 @@ from fxoto.uniform import blocks, is_uniform
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel, ViTConfig, ViTModel  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from hf_models import bert as _bert  # noqa: E402
+from hf_models import gpt2 as _gpt2  # noqa: E402
+from hf_models import ids as _ids  # noqa: E402
+from hf_models import images as _images  # noqa: E402
+from hf_models import llama as _llama  # noqa: E402
+from hf_models import vit as _vit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-V = 64
-
-
-def _llama(cls=LlamaModel):
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
-    return cls(cfg).eval()
-
-
-def _bert():
-    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                     max_position_embeddings=64)
-    return BertModel(cfg).eval()
-
-
-def _vit():
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=48)
-    return ViTModel(cfg).eval()
-
-
-def _ids(b, s, seed=0):
-    return torch.randint(0, V, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _images(b, seed=0):
-    return torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
 MODELS = {  # name: (builder, example, another input: other batch size and sequence length)
@@ -289,12 +269,10 @@ def test_llama_residual_stream_sliced_in_place_generates_the_same_tokens():
 
 
 def test_gpt2_fused_heads_in_place():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, use_cache=False,
-                     bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = _gpt2(GPT2LMHeadModel, bos_token_id=0, eos_token_id=0)
     x = _ids(2, 7)
     s = fxoto.search(model, 1, (x,), structures="channels").space
     heads = [g.id for g in s.groups if g.kind == "head"]

@@ -24,42 +24,14 @@ from fxoto.errors import UntraceableModelError
 
 transformers = pytest.importorskip("transformers")  # in the test extra; no skip where it is installed
 
-from transformers import (  # noqa: E402
-    BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel, ViTConfig, ViTModel,
-)
+from transformers import LlamaForCausalLM  # noqa: E402
 
-V = 64
-
-
-def _llama(cls=LlamaModel):
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
-    return cls(cfg).eval()
-
-
-def _bert():
-    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                     max_position_embeddings=64)
-    return BertModel(cfg).eval()
-
-
-def _vit():
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=4, intermediate_size=48)
-    return ViTModel(cfg).eval()
-
-
-def _ids(b, s, seed=0):
-    return torch.randint(0, V, (b, s), generator=torch.Generator().manual_seed(seed))
-
-
-def _images(b, seed=0):
-    return torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def _gpt2():
-    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_inner=48, n_positions=64, use_cache=False)
-    return GPT2Model(cfg).eval()
+from hf_models import bert as _bert  # noqa: E402
+from hf_models import gpt2 as _gpt2  # noqa: E402
+from hf_models import ids as _ids  # noqa: E402
+from hf_models import images as _images  # noqa: E402
+from hf_models import llama as _llama  # noqa: E402
+from hf_models import vit as _vit  # noqa: E402
 
 
 MODELS = {
