@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from fxoto.errors import InPlaceError
 from fxoto.patterns import rms_norm
 from fxoto.roles import DEFAULT_TABLE
-from fxoto.slicing import _keep, _slice_in_place, _slice_param, _slice_per_channel, _slice_stem
+from fxoto.slicing import _cut_rms_weight, _keep, _slice_in_place, _slice_param, _slice_per_channel, _slice_stem
 from fxoto.subnet import _channel_drops, _erased_nodes, _head_cuts, construct_subnet
 from fxoto.uniform import blocks
 
@@ -190,19 +190,14 @@ def _slice_rms_module(model: nn.Module, node, drop: set[int]) -> None:
     if len(names) != 1:
         raise InPlaceError(f"the RMSNorm '{path}' ({type(module).__name__}) keeps its epsilon {eps} in "
                            f"{len(names)} attributes: fxoto cannot tell which to rescale; use construct_subnet()")
-    weight = getattr(module, attr)
-    n = weight.shape[0]
-    keep = _keep(n, drop, weight.device)
-    ratio = n / len(keep)
-    with torch.no_grad():
-        setattr(module, attr, nn.Parameter(weight.index_select(0, keep) * ratio ** 0.5, weight.requires_grad))
-    setattr(module, names[0], eps * ratio)
+    n, kept = _cut_rms_weight(model, weight_node.target, drop)
+    setattr(module, names[0], eps * (n / kept))
     for shape_attr in ("normalized_shape", "hidden_size", "dim"):
         value = getattr(module, shape_attr, None)
         if value == n:
-            setattr(module, shape_attr, len(keep))
+            setattr(module, shape_attr, kept)
         elif isinstance(value, tuple) and value == (n,):
-            setattr(module, shape_attr, (len(keep),))
+            setattr(module, shape_attr, (kept,))
 
 
 def _ragged_heads(space, ids) -> str | None:

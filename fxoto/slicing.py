@@ -268,13 +268,18 @@ def _slice_rms_norm(gm: fx.GraphModule, node: fx.Node, drop: set[int]) -> None:
     """An RMSNorm over channels of which ``drop`` are zero: with N' of its N channels left, weight times
     sqrt(N/N') and eps times N/N' give each kept channel exactly what it was (DESIGN 6b)."""
     x, weight_node, eps, dtype = node.args
-    owner_path, _, attr = weight_node.target.rpartition(".")
-    owner = gm.get_submodule(owner_path)
+    n, kept = _cut_rms_weight(gm, weight_node.target, drop)
+    node.args = (x, weight_node, eps * (n / kept), dtype)
+
+
+def _cut_rms_weight(root: nn.Module, target: str, drop: set[int]) -> tuple[int, int]:
+    """An RMSNorm's weight (at ``target`` in ``root``) without the ``drop`` entries, times sqrt(N/N'); (N, N')."""
+    owner_path, _, attr = target.rpartition(".")
+    owner = root.get_submodule(owner_path)
     weight = getattr(owner, attr)
     n = weight.shape[0]
     keep = _keep(n, drop, weight.device)
-    ratio = n / len(keep)
     with torch.no_grad():
-        kept = weight.index_select(0, keep) * (ratio ** 0.5)
+        kept = weight.index_select(0, keep) * ((n / len(keep)) ** 0.5)
     setattr(owner, attr, nn.Parameter(kept, weight.requires_grad))
-    node.args = (x, weight_node, eps * ratio, dtype)
+    return n, len(keep)
