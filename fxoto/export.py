@@ -118,13 +118,14 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
             return None
         return {d: auto for d in range(x.dim())}
 
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return None
     shapes = {}
     for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
+        kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             shapes[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
         elif kind is inspect.Parameter.VAR_POSITIONAL:

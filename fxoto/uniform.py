@@ -18,20 +18,15 @@ from fxoto.errors import KTooLargeError
 from fxoto.patterns import rms_norm
 
 
-def _on_stream(space, group_id: int) -> bool:
-    """A channel group of a residual stream: it holds an RMSNorm's entries (``fxoto.patterns.rms_norm``)."""
-    nodes = {n.name: n for n in space.graph.nodes}
-    return any(nodes[name].target is rms_norm for name, _ in space.slices[group_id].entries)
-
-
 def blocks(space, kind: str) -> list[list[int]]:
     """The groups of one kind by block, each block's ids in order: head groups by attention,
     channel groups by the set of stems they slim.  A residual stream's channels are no block:
     the stream runs through every layer once, so a uniform selection leaves it whole (rewriting
     ``hidden_size`` and every norm's epsilon in the config is not built)."""
+    norms = {n.name for n in space.graph.nodes if n.target is rms_norm}  # a group holding their entries: the stream
     found: dict[object, list[int]] = {}
     for g in space.groups:
-        if g.kind != kind or kind == "channel" and _on_stream(space, g.id):
+        if g.kind != kind or kind == "channel" and any(name in norms for name, _ in space.slices[g.id].entries):
             continue
         if kind == "head":
             key = g.nodes[0]  # the attention node
