@@ -316,6 +316,9 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _head_cuts(space, ids, drops, consume, erased)
 
     sub = _copy_sharing_tensors(space.gm)
+    for node in sub.graph.nodes:  # a tensor made in forward is an attribute of the copy: read (and sliced) there alone
+        if node.op == "get_attr":
+            node.meta.pop(CONSTANT, None)
     nodes = {n.name: n for n in sub.graph.nodes}
     for stem, drop in drops.items():  # once per module: a shared stem's calls all read its rows
         if any(name not in erased for name in (stem, *space.layers[stem].again)):
@@ -348,9 +351,6 @@ def construct_subnet(space, ids=None) -> fx.GraphModule:
     _own_tensors(sub, space.gm)
     sub.graph.lint()
     sub.recompile()
-    for node in sub.graph.nodes:  # a tensor made in forward, sliced on the sub-network: its node holds the new one
-        if node.op == "get_attr" and CONSTANT in node.meta:
-            node.meta[CONSTANT] = fetch_attr(sub, node.target)
     _check(sub, space, ids)
     return sub
 
